@@ -1,0 +1,29 @@
+"""combo_jax: the Combo loss and the imbalance-loss family for JAX segmentation training."""
+
+from combo_jax.losses import (
+    check_labels,
+    combo_loss,
+    cross_entropy,
+    dice_ce_loss,
+    dice_loss,
+    focal_loss,
+    generalized_dice_loss,
+    soft_dice,
+    tversky_loss,
+    weighted_cross_entropy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "check_labels",
+    "combo_loss",
+    "cross_entropy",
+    "dice_ce_loss",
+    "dice_loss",
+    "focal_loss",
+    "generalized_dice_loss",
+    "soft_dice",
+    "tversky_loss",
+    "weighted_cross_entropy",
+]
