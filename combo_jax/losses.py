@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from combo_jax import _fused
+
 __all__ = [
     "check_labels",
     "combo_loss",
@@ -91,10 +93,11 @@ def _prepare(
     where: ArrayLike | None,
     ignore_index: int | None,
 ):
-    """Validates the arrays and returns ``(x, target, mask)`` flattened to ``(B, N, K)``.
+    """Validates the arrays and returns ``(x, target, mask, ids)`` flattened to ``(B, N, K)``.
 
     ``x`` is the logits in the compute dtype (at least float32), ``target`` the one-hot/soft labels in the
-    same dtype, ``mask`` a ``(B, N, 1)`` float array of valid voxels or ``None`` when every voxel counts.
+    same dtype, ``mask`` a ``(B, N, 1)`` float array of valid voxels or ``None`` when every voxel counts,
+    ``ids`` the integer labels as ``(B, N)`` (``None`` for float labels).
     """
     _check_choice(fn, "activation", activation, ACTIVATIONS)
     logits = jnp.asarray(logits)
@@ -117,7 +120,7 @@ def _prepare(
     n = int(np.prod(spatial))
     x = logits.astype(dtype).reshape(batch, n, num_classes)
 
-    valid = None
+    valid = ids = None
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != logits.shape[:-1]:
             raise ValueError(
@@ -153,7 +156,7 @@ def _prepare(
         where = where.reshape(batch, n)
         valid = where if valid is None else valid & where
     mask = None if valid is None else valid[..., None].astype(dtype)
-    return x, target, mask
+    return x, target, mask, ids
 
 
 def _class_weights(fn: str, class_weights: ArrayLike | None, num_classes: int, dtype) -> jax.Array | None:
@@ -334,7 +337,7 @@ def soft_dice(
         )
     _check_nonnegative(fn, "smooth_nr", smooth_nr)
     _check_nonnegative(fn, "smooth_dr", smooth_dr)
-    p, t, mask = _prepare(fn, probs, onehot, activation="none", where=where, ignore_index=None)
+    p, t, mask, _ = _prepare(fn, probs, onehot, activation="none", where=where, ignore_index=None)
     return _soft_dice_flat(
         p,
         t,
@@ -350,6 +353,18 @@ def soft_dice(
 # --------------------------------------------------------------------------------------------------
 # The Combo loss and its cross-entropy term
 # --------------------------------------------------------------------------------------------------
+
+
+def _fused_softmax(x, t, ids, mask, weights, *, alpha, beta, smooth, c0, batch_dice):
+    """The softmax Combo loss through :mod:`combo_jax._fused` (same math, hand-derived gradient).
+
+    Labels and class weights are constants of the loss: no gradient flows to them.
+    """
+    labels = jax.lax.stop_gradient(ids if ids is not None else t)
+    if weights is not None:
+        weights = jax.lax.stop_gradient(weights)
+    options = _fused.ComboOptions(float(alpha), float(beta), float(smooth), c0, bool(batch_dice))
+    return _fused.combo_softmax(x, labels, None if mask is None else mask[..., 0], weights, options)
 
 
 def _weighted_ce_sum(lp, l1m, t, mask, beta, weights):
@@ -403,9 +418,12 @@ def weighted_cross_entropy(
     """
     fn = "weighted_cross_entropy"
     _check_unit_interval(fn, "beta", beta)
-    x, t, mask = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
+    x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     c0 = _first_channel(activation, include_background)
+    if activation == "softmax":
+        # alpha = 1: the Combo loss is its cross-entropy term alone.
+        return _fused_softmax(x, t, ids, mask, weights, alpha=1.0, beta=beta, smooth=1.0, c0=c0, batch_dice=False)
     _, lp, l1m = _log_probs(x, activation)
     w = None if weights is None else weights[c0:]
     total = _weighted_ce_sum(lp[..., c0:], l1m[..., c0:], t[..., c0:], mask, beta, w)
@@ -476,9 +494,13 @@ def combo_loss(
     _check_unit_interval(fn, "alpha", alpha)
     _check_unit_interval(fn, "beta", beta)
     _check_nonnegative(fn, "smooth", smooth)
-    x, t, mask = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
+    x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     c0 = _first_channel(activation, include_background)
+    if activation == "softmax":
+        return _fused_softmax(
+            x, t, ids, mask, weights, alpha=alpha, beta=beta, smooth=smooth, c0=c0, batch_dice=batch_dice
+        )
     num_organs = x.shape[-1] - c0
     p, lp, l1m = _log_probs(x, activation)
     p, lp, l1m, t = p[..., c0:], lp[..., c0:], l1m[..., c0:], t[..., c0:]
@@ -502,7 +524,7 @@ def _region_inputs(fn, logits, labels, activation, include_background, where, ig
     """Checks and prepares the inputs of a region loss; returns ``(x, p, t, mask, c0)`` over all channels."""
     _check_nonnegative(fn, "smooth_nr", smooth_nr)
     _check_nonnegative(fn, "smooth_dr", smooth_dr)
-    x, t, mask = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
+    x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     c0 = 0 if include_background else 1
     if c0 >= x.shape[-1]:
         raise ValueError(
@@ -739,7 +761,7 @@ def cross_entropy(
     fn = "cross_entropy"
     _check_unit_interval(fn, "label_smoothing", label_smoothing)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    x, t, mask = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
+    x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     int_labels = jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer)
     return _cross_entropy_flat(fn, x, t, mask, int_labels, activation, weights, label_smoothing, reduction)
@@ -832,7 +854,7 @@ def focal_loss(
     fn = "focal_loss"
     _check_nonnegative(fn, "gamma", gamma)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    x, t, mask = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
+    x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     c0 = 0 if include_background else 1
     k_kept = x.shape[-1] - c0

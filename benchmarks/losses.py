@@ -1,0 +1,134 @@
+"""Forward+backward time of combo_jax.combo_loss against the PyTorch peers, in one process, same inputs.
+
+Peers: MONAI DiceCELoss(softmax=True, to_onehot_y=True), our PyTorch reference combo_loss eagerly and under
+torch.compile. Runs on the GPU when JAX and torch both see one, else on the CPU. Prints a ratio table
+(time / MONAI time) and writes JSON.
+
+    python benchmarks/losses.py                      # the issue's CPU shapes
+    python benchmarks/losses.py --shapes 4x128x128x128x6 --dtypes float32,bfloat16   # the GPU shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from combo_jax import losses
+from combo_jax.reference import torch_losses
+
+
+def median_ms(fn, sync, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        sync(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    dims = tuple(int(v) for v in text.lower().split("x"))
+    if len(dims) < 4:
+        raise argparse.ArgumentTypeError(f"--shapes: {text!r} must be B x spatial... x K, e.g. 2x64x64x64x6")
+    return dims
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="2x64x64x64x6,16x128x128x6", help="comma-separated B x spatial x K")
+    parser.add_argument("--dtypes", default="float32", help="logit dtypes for the JAX side (float32, bfloat16)")
+    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--out", default="benchmarks/results/losses.json")
+    args = parser.parse_args()
+
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    tdev = "cuda" if on_gpu else "cpu"
+    device_name = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
+
+    def tsync(out):
+        if on_gpu:
+            torch.cuda.synchronize()
+        return out
+
+    from monai.losses import DiceCELoss
+
+    monai_loss = DiceCELoss(softmax=True, to_onehot_y=True)
+    rows = []
+    for shape_text in args.shapes.split(","):
+        shape = parse_shape(shape_text)
+        b, k = shape[0], shape[-1]
+        rng = np.random.default_rng(0)
+        x_np = rng.standard_normal(shape, dtype=np.float32)
+        y_np = rng.integers(0, k, shape[:-1]).astype(np.int32)
+
+        # torch peers: channels-first
+        xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_np, -1, 1))).to(tdev).requires_grad_(True)
+        yt = torch.from_numpy(y_np).long().to(tdev)
+        yt1 = yt.unsqueeze(1)
+
+        def torch_step(loss_fn):
+            def step():
+                xt.grad = None
+                loss = loss_fn()
+                loss.backward()
+                return loss
+
+            return step
+
+        peers = {
+            "MONAI DiceCELoss": torch_step(lambda: monai_loss(xt, yt1)),
+            "torch reference combo (eager)": torch_step(lambda: torch_losses.combo_loss(xt, yt)),
+        }
+        if not args.no_compile:
+            compiled = torch.compile(torch_losses.combo_loss)
+            peers["torch reference combo (compile)"] = torch_step(lambda: compiled(xt, yt))
+        timings = {name: median_ms(fn, tsync, args.iters, args.warmup) for name, fn in peers.items()}
+
+        for dtype in args.dtypes.split(","):
+            xj = jnp.asarray(x_np, dtype=dtype)
+            yj = jnp.asarray(y_np)
+            step = jax.jit(jax.value_and_grad(losses.combo_loss))
+            timings[f"combo_jax combo_loss ({dtype})"] = median_ms(
+                lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup
+            )
+        base = timings["MONAI DiceCELoss"]
+        for name, ms in timings.items():
+            rows.append({"shape": shape_text, "impl": name, "ms": round(ms, 3), "ratio_to_monai": round(ms / base, 3)})
+
+    print(f"device: {device_name}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
+    print(f"{'shape':>18}  {'implementation':<36} {'ms':>9}  {'x MONAI':>8}")
+    for row in rows:
+        print(f"{row['shape']:>18}  {row['impl']:<36} {row['ms']:>9.3f}  {row['ratio_to_monai']:>8.3f}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "date": datetime.date.today().isoformat(),
+                "device": device_name,
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+                "iters": args.iters,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
