@@ -82,21 +82,33 @@ def _forward(x, labels, mask, weights, options: ComboOptions):
     xs = [x[..., k] for k in range(k_all)]
     m, ls, argmax, log1m_a = _voxel_stats(xs)
 
+    # With integer labels and no class weights, sum_k (1 - t_k) log(1 - p_k) over the channels below the
+    # maximum is the log of a product whose factors are all >= 1/2: one logarithm per voxel instead of one
+    # per channel. The most likely channel contributes log1m_a.
+    product_form = labels.ndim == 2 and weights is None
     ce = jnp.zeros_like(m)
+    product = jnp.ones_like(m)
     inter, psum, tsum = [], [], []
     for k in range(c0, k_all):
         lp = xs[k] - m - ls
         p = jnp.exp(lp)
-        # For every channel but the most likely one p <= 1/2, so log1p(-p) is exact.
-        log1m = jnp.where(argmax == k, log1m_a, jnp.log1p(-p))
         t = _channel_target(labels, k)
-        term = _mix(t, beta * lp, (1.0 - beta) * log1m)
-        ce = ce + (term if weights is None else weights[k] * term)
+        if product_form:
+            ce = ce + jnp.where(t, lp, 0.0)
+            product = product * jnp.where(t | (argmax == k), 1.0, 1.0 - p)
+        else:
+            # For every channel but the most likely one p <= 1/2, so log1p(-p) is exact.
+            log1m = jnp.where(argmax == k, log1m_a, jnp.log1p(-p))
+            term = _mix(t, beta * lp, (1.0 - beta) * log1m)
+            ce = ce + (term if weights is None else weights[k] * term)
         if mask is not None:
             p = p * mask
         inter.append(jnp.sum(_mix(t, p, 0.0), axis=1))
         psum.append(jnp.sum(p, axis=1))
         tsum.append(jnp.sum(_mix(t, 1.0 if mask is None else mask, 0.0), axis=1))
+    if product_form:
+        max_is_negative_organ = (argmax >= c0) & (labels != argmax)
+        ce = beta * ce + (1.0 - beta) * (jnp.log(product) + jnp.where(max_is_negative_organ, log1m_a, 0.0))
     if mask is not None:
         ce = ce * mask
         count = jnp.maximum(jnp.sum(mask), 1.0)
@@ -174,7 +186,9 @@ def _combo_bwd(options, residuals, g):
     if mask is not None:
         s1, q_a = s1 * mask, q_a * mask
     p_a = jnp.exp(-ls)
-    s1, q_a, p_a = jax.lax.optimization_barrier((s1, q_a, p_a))
+    # q_a p_a / (1 - p_a); p_j times it is bounded for j != a since p_j <= 1 - p_a.
+    z = q_a * p_a * jnp.exp(-log1m_a)
+    s1, q_a, p_a, z = jax.lax.optimization_barrier((s1, q_a, p_a, z))
 
     classes = jnp.arange(k_all)
     t = labels[..., None] == classes if labels.ndim == 2 else labels
@@ -190,7 +204,7 @@ def _combo_bwd(options, residuals, g):
     is_max = voxel(argmax) == classes
     odds = p / (1.0 - jnp.where(is_max, 0.0, p))
     at_max = voxel(q_a * p_a)
-    elsewhere = qk * odds - voxel(q_a * p_a) * jnp.exp(lp - voxel(log1m_a))
+    elsewhere = qk * odds - p * voxel(z)
     dx = g * (h - p * voxel(s1) + jnp.where(is_max, at_max, elsewhere))
     return dx, None, None, None
 

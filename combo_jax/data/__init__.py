@@ -1,0 +1,1 @@
+"""Datasets: the embedded procedural phantom and (later) real NIfTI volumes."""

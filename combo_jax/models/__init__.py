@@ -1,0 +1,1 @@
+"""Models: the Flax NNX U-Net."""

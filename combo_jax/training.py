@@ -1,0 +1,541 @@
+"""Training: ``train_and_evaluate(config, workdir)`` trains a U-Net with a loss chosen by name.
+
+Read top to bottom: configuration checks, the mesh and shardings, the data, the model and optimizer, the
+jitted steps, checkpoint restore, the loop (log, evaluate, checkpoint, stop on a signal), the final report.
+
+Layout: images ``(B, *spatial, C)``, labels ``(B, *spatial)`` int32, channels-last. Batches are split over a
+one-axis device mesh ``("data",)``; parameters are replicated. Each process loads only its share of a global
+batch (grain, sharded by process) and the global array is assembled with
+``jax.make_array_from_process_local_data``, so one code path serves 1 CPU, fake CPU devices, a GPU, a TPU and
+several hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import jax.experimental.multihost_utils
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from combo_jax import losses, metrics
+from combo_jax.data import phantom
+from combo_jax.models.unet import UNet
+
+# The losses a config can name, and the options each takes from config.loss.
+LOSSES = {
+    "combo": losses.combo_loss,
+    "dice": losses.dice_loss,
+    "wce": losses.weighted_cross_entropy,
+    "dice_ce": losses.dice_ce_loss,
+    "focal": losses.focal_loss,
+    "tversky": losses.tversky_loss,
+    "generalized_dice": losses.generalized_dice_loss,
+}
+_NOT_CONFIGURABLE = ("logits", "labels", "where", "ignore_index", "reduction")
+
+
+def loss_options(name: str) -> dict:
+    """Default options of a loss by name (those with a non-None default), for a config's ``loss`` section."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
+    options = {}
+    for param in inspect.signature(LOSSES[name]).parameters.values():
+        if param.name in _NOT_CONFIGURABLE or param.default is None or param.default is inspect.Parameter.empty:
+            continue
+        options[param.name] = param.default
+    return options
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, found before any training work."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration checks: every mistake we can detect is reported before the first step.
+# --------------------------------------------------------------------------------------------------
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | None = None) -> None:
+    loss = config.loss
+    if loss.name not in LOSSES:
+        raise ConfigError(f"config.loss.name: unknown loss {loss.name!r}; expected one of {', '.join(LOSSES)}")
+    accepted = set(inspect.signature(LOSSES[loss.name]).parameters) - set(_NOT_CONFIGURABLE)
+    for key in loss.keys():
+        if key != "name" and key not in accepted:
+            raise ConfigError(
+                f"config.loss.{key} is not an option of loss {loss.name!r} (its options: {', '.join(sorted(accepted))}); "
+                f"to switch losses use the config argument, e.g. --config=configs/default.py:{loss.name}"
+            )
+    if config.data.name != "phantom":
+        raise ConfigError(f"config.data.name: unknown dataset {config.data.name!r}; expected 'phantom'")
+    if config.data.spatial_dims != len(config.data.shape):
+        raise ConfigError(
+            f"config.data.spatial_dims={config.data.spatial_dims} does not match config.data.shape={tuple(config.data.shape)}"
+        )
+    if config.model.num_classes != phantom.NUM_CLASSES:
+        raise ConfigError(
+            f"config.model.num_classes={config.model.num_classes} but the phantom has {phantom.NUM_CLASSES} classes "
+            f"({', '.join(phantom.CLASS_NAMES)})"
+        )
+    divisor = 2 ** (len(config.model.features) - 1)
+    if any(s % divisor for s in config.data.shape):
+        raise ConfigError(
+            f"config.data.shape={tuple(config.data.shape)}: every size must be divisible by 2^(levels-1) = {divisor} "
+            f"for config.model.features={tuple(config.model.features)}"
+        )
+    devices = jax.device_count() if num_devices is None else num_devices
+    processes = jax.process_count()
+    for name in ("batch_size", "eval_batch_size"):
+        size = config.train[name]
+        if size <= 0 or size % devices or size % processes:
+            raise ConfigError(
+                f"config.train.{name}={size} must be a positive multiple of the device count ({devices}) and of the "
+                f"process count ({processes}): each global batch is split evenly over devices"
+            )
+    if config.data.num_val % config.train.eval_batch_size:
+        raise ConfigError(
+            f"config.data.num_val={config.data.num_val} must be a multiple of config.train.eval_batch_size="
+            f"{config.train.eval_batch_size} so that every validation case is evaluated"
+        )
+    if config.train.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"config.train.on_nonfinite must be 'stop' or 'skip', got {config.train.on_nonfinite!r}")
+    if config.optimizer.name not in ("adamw", "sgd"):
+        raise ConfigError(f"config.optimizer.name must be 'adamw' or 'sgd', got {config.optimizer.name!r}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    for name in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+        if config.train[name] <= 0:
+            raise ConfigError(f"config.train.{name} must be positive, got {config.train[name]}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"workdir {workdir!r} is not writable: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: a grain DataLoader per split, sharded by process.
+# --------------------------------------------------------------------------------------------------
+
+
+class PhantomSource:
+    """Random-access phantom cases; generated once per process on first use."""
+
+    def __init__(self, seed: int, shape, num_cases: int, offset: int):
+        self.seed, self.shape, self.num_cases, self.offset = seed, tuple(shape), num_cases, offset
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self):
+        return self.num_cases
+
+    def __repr__(self):  # grain checks a restored iterator against repr(data_source)
+        return f"PhantomSource(seed={self.seed}, shape={self.shape}, num_cases={self.num_cases}, offset={self.offset})"
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if index not in self._cache:
+            image, labels = phantom.make_case(self.seed, self.offset + index, self.shape)
+            self._cache[index] = {"image": image, "labels": labels}
+        return self._cache[index]
+
+
+def make_loader(source, *, batch_size: int, shuffle: bool, seed: int, num_epochs, worker_count: int):
+    """A grain DataLoader yielding this process's share (batch_size // process_count) of each global batch."""
+    shard = grain.sharding.ShardOptions(
+        shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True
+    )
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
+    )
+    per_process = batch_size // jax.process_count()
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[grain.transforms.Batch(batch_size=per_process, drop_remainder=True)],
+        worker_count=worker_count,
+    )
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+    """Assembles the per-process arrays into global arrays split over the mesh's data axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, optimizer, steps
+# --------------------------------------------------------------------------------------------------
+
+
+def make_model(config, *, rngs: nnx.Rngs) -> UNet:
+    m = config.model
+    return UNet(
+        spatial_dims=config.data.spatial_dims,
+        in_channels=1,
+        num_classes=m.num_classes,
+        features=tuple(m.features),
+        norm=m.norm,
+        deep_supervision=m.deep_supervision,
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+        remat=m.remat,
+        rngs=rngs,
+    )
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o, steps = config.optimizer, config.train.num_steps
+    if o.name == "adamw":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, o.learning_rate, min(o.warmup_steps, steps - 1), steps, end_value=o.learning_rate * o.final_lr_fraction
+        )
+        core = optax.adamw(schedule, weight_decay=o.weight_decay)
+    else:  # nnU-Net: SGD, Nesterov momentum 0.99, lr * (1 - step / steps) ** 0.9
+        schedule = optax.polynomial_schedule(o.learning_rate, 0.0, o.poly_power, steps)
+        core = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(schedule, o.momentum, nesterov=True))
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), core), schedule
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data iterator, as one pytree for orbax."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite_step: jax.Array  # first step whose loss or gradients were not finite, or -1
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state", "nonfinite_step"], meta_fields=[])
+
+
+def make_loss_fn(config):
+    options = {k: v for k, v in config.loss.items() if k != "name"}
+    if "class_weights" in options:
+        options["class_weights"] = tuple(options["class_weights"])
+    loss = functools.partial(LOSSES[config.loss.name], **options)
+
+    def loss_fn(outputs, labels):
+        if isinstance(outputs, list):  # deep supervision: full resolution weighted 1, then halves
+            weights = [0.5**i for i in range(len(outputs))]
+            return sum(w * loss(o, labels) for w, o in zip(weights, outputs)) / sum(weights)
+        return loss(outputs, labels)
+
+    return loss_fn
+
+
+def make_train_step(graphdef, tx, loss_fn, on_nonfinite: str):
+    def train_step(state: TrainState, batch: dict):
+        def objective(params):
+            return loss_fn(nnx.merge(graphdef, params)(batch["image"]), batch["labels"])
+
+        loss, grads = jax.value_and_grad(objective)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        # A non-finite step never touches the parameters; with on_nonfinite="stop" the host stops at the
+        # next log line, naming the step recorded here.
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state))
+        first_bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+        new_state = TrainState(state.step + 1, params, opt_state, first_bad)
+        return new_state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads)}
+
+    del on_nonfinite  # the host decides what to do with nonfinite_step
+    return train_step
+
+
+def make_eval_step(graphdef, num_classes: int):
+    def eval_step(params, batch):
+        outputs = nnx.merge(graphdef, params)(batch["image"])
+        logits = outputs[0] if isinstance(outputs, list) else outputs
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return pred, metrics.confusion_counts(pred, batch["labels"], num_classes)
+
+    return eval_step
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """metrics.jsonl rows and TensorBoard scalars, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(workdir, flush_secs=10)
+
+    def write(self, row: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row["step"]
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tb.add_scalar(f"{row.get('split', 'train')}/{key}", value, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(total: int, initial: int):
+    if jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() when a multi-process cluster environment is present (SLURM, TPU pods, ...)."""
+    cluster_vars = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    multi = os.environ.get("SLURM_NTASKS", "1") != "1" or any(
+        v in os.environ for v in cluster_vars if v != "SLURM_NTASKS"
+    )
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def evaluate(eval_step, params, loader, sharding, num_classes: int, *, keep_predictions: int = 0):
+    """Accumulated confusion counts over a split, and a few (image, labels, prediction) triples."""
+    counts = None
+    examples = []
+    for local in loader:
+        batch = global_batch(local, sharding)
+        pred, c = eval_step(params, batch)
+        counts = c if counts is None else jax.tree.map(jnp.add, counts, c)
+        if len(examples) < keep_predictions and jax.process_index() == 0:
+            p = np.asarray(jax.experimental.multihost_utils.process_allgather(pred, tiled=True)) if jax.process_count() > 1 else np.asarray(pred)
+            for i in range(min(len(p), keep_predictions - len(examples))):
+                examples.append((np.asarray(local["image"][i]), np.asarray(local["labels"][i]), p[i]))
+    tp, fp, fn = (np.asarray(a) for a in counts)
+    return metrics.summarize(tp, fp, fn), examples
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
+    """Trains, evaluates and checkpoints; resumes from workdir/checkpoints if a run is there.
+
+    ``devices`` (default: all devices of all processes) lets a single-process caller use a subset.
+    Returns the final evaluation summary ({"mean_fg_dice", "organs"}), or {} when stopped by a signal.
+    """
+    maybe_initialize_distributed()
+    devices = list(jax.devices() if devices is None else devices)
+    check_config(config, workdir, num_devices=len(devices))
+    is_main = jax.process_index() == 0
+    started = time.time()
+
+    # Mesh: one data axis over every device of every process; batches split, parameters replicated.
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    # Data.
+    d = config.data
+    train_source = PhantomSource(d.seed, d.shape, d.num_train, offset=0)
+    val_source = PhantomSource(d.seed, d.shape, d.num_val, offset=1_000_000)
+    train_loader = make_loader(
+        train_source, batch_size=config.train.batch_size, shuffle=True, seed=config.seed, num_epochs=None,
+        worker_count=d.worker_count,
+    )
+    train_iter = iter(train_loader)
+
+    def val_loader():
+        return make_loader(val_source, batch_size=config.train.eval_batch_size, shuffle=False, seed=0, num_epochs=1,
+                           worker_count=0)
+
+    # Model and optimizer: split once into a static graph and a parameter pytree.
+    model = make_model(config, rngs=nnx.Rngs(params=config.seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, schedule = make_optimizer(config)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
+    state = jax.device_put(state, replicated)
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, make_loss_fn(config), config.train.on_nonfinite),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(make_eval_step(graphdef, config.model.num_classes),
+                        in_shardings=(replicated, data_sharding), out_shardings=(data_sharding, replicated))
+
+    # Checkpoints: the last few in checkpoints/latest, the best by validation Dice in checkpoints/best. Orbax
+    # writes each into a temporary directory and renames it when complete, so a half-written checkpoint is
+    # never taken for a good one.
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    latest = ocp.CheckpointManager(
+        os.path.join(ckpt_dir, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints)
+    )
+    best = ocp.CheckpointManager(
+        os.path.join(ckpt_dir, "best"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["mean_fg_dice"], best_mode="max"),
+    )
+    if latest.latest_step() is not None:
+        restored = latest.restore(
+            latest.latest_step(),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+                data=grain.checkpoint.CheckpointRestore(train_iter),
+            ),
+        )
+        state = restored["state"]
+        if is_main:
+            print(f"resumed from {latest.directory} at step {int(state.step)}", flush=True)
+
+    def save(manager, step, metrics_row=None):
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)),
+            metrics=metrics_row,
+            force=True,
+        )
+
+    # Stop cleanly on SIGTERM/SIGINT: finish the step, save, exit.
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    logger = Logger(workdir)
+    t = config.train
+    step = int(state.step)
+    bar = _progress(t.num_steps, step)
+    summary = None
+    last_log = (time.time(), step)
+    pending = []  # device-side metrics not yet read, so logging never waits on the current step
+    try:
+        while step < t.num_steps and stop["signal"] is None:
+            batch = global_batch(next(train_iter), data_sharding)
+            state, out = train_step(state, batch)
+            step += 1
+            pending.append((step, out))
+            if step % t.log_every == 0 or step == t.num_steps:
+                bad = int(state.nonfinite_step)
+                if bad >= 0 and t.on_nonfinite == "stop":
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient at step {bad + 1} (the update was not applied); set "
+                        f"config.train.on_nonfinite='skip' to skip such steps instead"
+                    )
+                now = time.time()
+                rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+                last_log = (now, step)
+                for s, o in pending:
+                    row = {"step": s, "loss": float(o["loss"]), "grad_norm": float(o["grad_norm"]),
+                           "learning_rate": float(schedule(s - 1)), "finite": bool(o["finite"])}
+                    logger.write(row)
+                pending = []
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}", steps_s=f"{rate:.2f}")
+            if bar is not None:
+                bar.update(1)
+            if step % t.eval_every == 0 or step == t.num_steps:
+                summary, _ = evaluate(eval_step, state.params, val_loader(), data_sharding, config.model.num_classes)
+                logger.write({"step": step, "split": "eval", "mean_fg_dice": summary["mean_fg_dice"], "organs": _named(summary["organs"])})
+                save(best, step, {"mean_fg_dice": summary["mean_fg_dice"]})
+            if step % t.checkpoint_every == 0 or step == t.num_steps:
+                save(latest, step)
+        if stop["signal"] is not None:
+            save(latest, step)
+            latest.wait_until_finished()
+            if is_main:
+                print(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same command to resume", flush=True)
+            return {}
+    finally:
+        if bar is not None:
+            bar.close()
+        latest.wait_until_finished()
+        best.wait_until_finished()
+        logger.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    # Final evaluation and report.
+    summary, examples = evaluate(eval_step, state.params, val_loader(), data_sharding, config.model.num_classes,
+                                 keep_predictions=config.eval.num_predictions)
+    if is_main:
+        write_report(config, workdir, summary, examples, elapsed=time.time() - started, steps=step)
+    return summary
+
+
+def _named(organs: dict) -> dict:
+    return {phantom.CLASS_NAMES[k]: v for k, v in organs.items()}
+
+
+def write_report(config, workdir, summary, examples, *, elapsed: float, steps: int) -> None:
+    """workdir/report.md (per-organ table, class frequencies) and workdir/predictions.png."""
+    freqs = phantom.class_frequencies(config.data.seed, tuple(config.data.shape), num_cases=min(16, config.data.num_val))
+    lines = [
+        "# combo_jax training report",
+        "",
+        f"Loss `{config.loss.name}` ({', '.join(f'{k}={v}' for k, v in config.loss.items() if k != 'name')}); "
+        f"{steps} steps, global batch {config.train.batch_size}, {jax.device_count()} device(s) "
+        f"({jax.devices()[0].platform}), {elapsed / 60:.1f} min.",
+        "",
+        f"**Mean foreground Dice (validation, {config.data.num_val} cases): {summary['mean_fg_dice']:.4f}**",
+        "",
+        "| organ | share of voxels | Dice | precision | recall | false-positive voxels | false-negative voxels |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, row in summary["organs"].items():
+        lines.append(
+            f"| {phantom.CLASS_NAMES[k]} | {freqs[k] * 100:.3f}% | {row['dice']:.4f} | {row['precision']:.4f} | "
+            f"{row['recall']:.4f} | {row['fp_voxels']} | {row['fn_voxels']} |"
+        )
+    lines += ["", f"Background: {freqs[0] * 100:.2f}% of voxels. Predictions of a few validation cases: predictions.png.", ""]
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    if examples:
+        _plot_predictions(examples, os.path.join(workdir, "predictions.png"))
+
+
+def _plot_predictions(examples, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 3 * len(examples)), squeeze=False)
+    for row, (image, labels, pred) in zip(axes, examples):
+        if image.ndim == 4:  # 3D: the middle axial slice
+            mid = image.shape[0] // 2
+            image, labels, pred = image[mid], labels[mid], pred[mid]
+        for ax, data, title in zip(row, (image[..., 0], labels, pred), ("image", "ground truth", "prediction")):
+            if title == "image":
+                ax.imshow(data, cmap="gray")
+            else:
+                ax.imshow(data, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+            ax.set_title(title)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
