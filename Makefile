@@ -19,17 +19,20 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# The parity report needs the PyTorch references, so the demo uses the test environment.
-demo: $(TEST_STAMP)
-	$(PY) -m combo_jax.parity
+# The main job: train the 2D phantom demo (resumes, or returns at once, if runs/demo holds a finished run).
+demo: $(STAMP)
+	$(PY) train.py --config configs/default.py --workdir runs/demo
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest tests
 
-parity: demo
+# The loss parity report against the PyTorch reference and MONAI (needs the test extra).
+parity: $(TEST_STAMP)
+	$(PY) -m combo_jax.parity
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/losses.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV)

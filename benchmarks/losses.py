@@ -15,8 +15,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +23,7 @@ import torch
 
 from combo_jax import losses
 from combo_jax.reference import torch_losses
-
-
-def median_ms(fn, sync, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        sync(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from timing import median_ms
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

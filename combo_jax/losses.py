@@ -25,7 +25,10 @@ logits (log-sum-exp, ``log_sigmoid``), never from the log of a clipped probabili
 
 Integer labels outside ``[0, K)`` (and not ``ignore_index``) cannot be checked under ``jit``: such a voxel
 one-hot encodes to all zeros, i.e. it belongs to no class. It then still counts in every probability sum and
-as a negative for every class. Call :func:`check_labels` on concrete labels to reject them eagerly.
+as a negative for every class. One exception: the softmax cross-entropy of integer labels (``cross_entropy``,
+and the cross-entropy term of ``dice_ce_loss``) follows torch, weighting each voxel by its class's weight and
+dividing the mean by the summed weights, so there such a voxel weighs 0 and is left out entirely. Call
+:func:`check_labels` on concrete labels to reject them eagerly.
 """
 
 from __future__ import annotations
@@ -533,6 +536,22 @@ def _region_inputs(fn, logits, labels, activation, include_background, where, ig
     return x, _probs(x, activation), t, mask, c0
 
 
+def _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice):
+    """Weighted ``1 - D`` of the kept channels ``c0:``, shape (B, C) or (C,) with batch Dice."""
+    dice = _soft_dice_flat(
+        p[..., c0:],
+        t[..., c0:],
+        mask,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        squared_pred=squared_pred,
+        jaccard=jaccard,
+        batch_dice=batch_dice,
+    )
+    loss = 1.0 - dice
+    return loss if weights is None else loss * weights[c0:]
+
+
 def dice_loss(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -580,19 +599,7 @@ def dice_loss(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    dice = _soft_dice_flat(
-        p[..., c0:],
-        t[..., c0:],
-        mask,
-        smooth_nr=smooth_nr,
-        smooth_dr=smooth_dr,
-        squared_pred=squared_pred,
-        jaccard=jaccard,
-        batch_dice=batch_dice,
-    )
-    loss = 1.0 - dice
-    if weights is not None:
-        loss = loss * weights[c0:]
+    loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
     return _reduce(fn, loss, reduction)
 
 
@@ -805,19 +812,7 @@ def dice_ce_loss(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    dice = _soft_dice_flat(
-        p[..., c0:],
-        t[..., c0:],
-        mask,
-        smooth_nr=smooth_nr,
-        smooth_dr=smooth_dr,
-        squared_pred=squared_pred,
-        jaccard=jaccard,
-        batch_dice=batch_dice,
-    )
-    d_loss = 1.0 - dice
-    if weights is not None:
-        d_loss = d_loss * weights[c0:]
+    d_loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
     d_loss = _reduce(fn, d_loss, reduction)
     int_labels = jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer)
     ce = _cross_entropy_flat(fn, x, t, mask, int_labels, activation, weights, label_smoothing, reduction)
@@ -843,7 +838,9 @@ def focal_loss(
     :math:`-\alpha_t (1 - p_t)^\gamma \ln p_t`. A scalar ``alpha`` weighs the background channel by
     ``1 - alpha`` and the others by ``alpha`` (softmax), or negatives by ``1 - alpha`` and positives by
     ``alpha`` (sigmoid); a sequence gives one weight per channel kept. ``(1 - p)`` comes from
-    ``log(1 - p)`` of the logits, so it is exact near ``p = 1``.
+    ``log(1 - p)`` of the logits, so it is exact near ``p = 1``. With soft labels ``t`` the sigmoid
+    modulating factor is MONAI's ``sigmoid(x (1 - 2t))^gamma``; for ``activation="none"`` it is
+    ``(t (1 - p) + (1 - t) p)^gamma``.
 
     ``"mean"`` averages over every (voxel, channel) element kept, as MONAI does (so for softmax it is the
     per-voxel focal loss divided by the number of channels), also with a mask (MONAI's ``ignore_index``
@@ -863,9 +860,13 @@ def focal_loss(
     if activation == "softmax":
         per = -jnp.exp(gamma * l1m) * lp * t
     else:
-        # Binary focal: p_t = p where t = 1, 1 - p where t = 0; ln(1 - p_t) as a mix of the two logs.
+        # Binary focal: (1 - p_t)^gamma times the binary cross-entropy, p_t = p where t = 1, 1 - p where t = 0.
         bce = -(t * lp + (1.0 - t) * l1m)
-        log_one_minus_pt = t * l1m + (1.0 - t) * lp
+        if activation == "sigmoid":
+            # MONAI's form, also for soft labels: 1 - p_t = sigmoid(x (1 - 2t)), in log space for stability.
+            log_one_minus_pt = jax.nn.log_sigmoid(x[..., c0:] * (1.0 - 2.0 * t))
+        else:
+            log_one_minus_pt = jnp.log(jnp.clip(t * (1.0 - p) + (1.0 - t) * p, _PROB_EPS, 1.0))
         per = jnp.exp(gamma * log_one_minus_pt) * bce
     if alpha is not None:
         if isinstance(alpha, (int, float)):

@@ -247,10 +247,12 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, activation="softmax", i
         lp = torch.log_softmax(logits, dim=1)
         per = -((1 - lp.exp()) ** gamma) * lp * t
     else:
-        p = _probs(logits, activation)
-        pt = t * p + (1 - t) * (1 - p)
-        lpt = t * _logs(logits, activation)[0] + (1 - t) * _logs(logits, activation)[1]
-        per = -((1 - pt) ** gamma) * lpt
+        lp, l1m = _logs(logits, activation)
+        if activation == "sigmoid":
+            modulation = torch.sigmoid(logits * (1 - 2 * t)) ** gamma
+        else:
+            modulation = (t * (1 - logits) + (1 - t) * logits) ** gamma
+        per = -modulation * (t * lp + (1 - t) * l1m)
     if alpha is not None:
         if isinstance(alpha, (int, float)):
             if activation == "softmax":
