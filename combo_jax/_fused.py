@@ -61,18 +61,24 @@ def _mix(t: jax.Array, if_one, if_zero):
 
 
 def _voxel_stats(xs: list[jax.Array]):
-    """Per voxel: max logit m, log-sum-exp offset ls (log sum exp(x - m)), argmax a, log(1 - p_a)."""
+    """Per voxel: max logit m, log-sum-exp offset ls (log sum exp(x - m)), argmax a, log(1 - p_a).
+
+    Exact for any logit gap: with m2 the largest logit but the maximum one (equal to m on ties),
+    rest = sum_{j != a} exp(x_j - m) = exp(m2 - m) r2 with r2 = sum_{j != a} exp(x_j - m2) >= 1, so
+    log(rest) = m2 - m + log r2 never underflows, s = 1 + rest gives ls = softplus(log rest), and
+    log(1 - p_a) = log(rest) - ls.
+    """
     m = functools.reduce(jnp.maximum, xs)
-    es = [jnp.exp(xk - m) for xk in xs]
-    ls = jnp.log(functools.reduce(jnp.add, es))
     argmax = jnp.zeros(m.shape, jnp.int32)
     for k in range(len(xs) - 1, -1, -1):
         argmax = jnp.where(xs[k] == m, k, argmax)
-    # 1 - p_a, summed from the other channels; floored so its log stays finite when they all underflow.
-    rest = functools.reduce(jnp.add, [jnp.where(argmax == k, 0.0, ek) for k, ek in enumerate(es)])
-    log1m_a = jnp.log(jnp.maximum(rest, jnp.finfo(m.dtype).tiny)) - ls
+    others = [jnp.where(argmax == k, -jnp.inf, xk) for k, xk in enumerate(xs)]
+    m2 = functools.reduce(jnp.maximum, others)
+    r2 = functools.reduce(jnp.add, [jnp.exp(o - m2) for o in others])
+    log_rest = m2 - m + jnp.log(r2)
+    ls = jax.nn.softplus(log_rest)
     # Materialize the per-voxel statistics: fused into each channel's consumer they would be recomputed.
-    return jax.lax.optimization_barrier((m, ls, argmax, log1m_a))
+    return jax.lax.optimization_barrier((m, ls, argmax, log_rest - ls))
 
 
 def _forward(x, labels, mask, weights, options: ComboOptions):
@@ -186,9 +192,8 @@ def _combo_bwd(options, residuals, g):
     if mask is not None:
         s1, q_a = s1 * mask, q_a * mask
     p_a = jnp.exp(-ls)
-    # q_a p_a / (1 - p_a); p_j times it is bounded for j != a since p_j <= 1 - p_a.
-    z = q_a * p_a * jnp.exp(-log1m_a)
-    s1, q_a, p_a, z = jax.lax.optimization_barrier((s1, q_a, p_a, z))
+    q_a_p_a = q_a * p_a
+    s1, q_a_p_a = jax.lax.optimization_barrier((s1, q_a_p_a))
 
     classes = jnp.arange(k_all)
     t = labels[..., None] == classes if labels.ndim == 2 else labels
@@ -203,8 +208,9 @@ def _combo_bwd(options, residuals, g):
         h, qk = h * voxel(mask), qk * voxel(mask)
     is_max = voxel(argmax) == classes
     odds = p / (1.0 - jnp.where(is_max, 0.0, p))
-    at_max = voxel(q_a * p_a)
-    elsewhere = qk * odds - p * voxel(z)
+    at_max = voxel(q_a_p_a)
+    # p_j / (1 - p_a) <= 1 for j != a, as exp(log p_j - log(1 - p_a)): no overflow for any logit gap.
+    elsewhere = qk * odds - voxel(q_a_p_a) * jnp.exp(lp - voxel(log1m_a))
     dx = g * (h - p * voxel(s1) + jnp.where(is_max, at_max, elsewhere))
     return dx, None, None, None
 

@@ -166,14 +166,17 @@ def _class_weights(fn: str, class_weights: ArrayLike | None, num_classes: int, d
     """Returns the per-channel weights as a ``(K,)`` array, checking the length (and sign when concrete)."""
     if class_weights is None:
         return None
+    if not isinstance(class_weights, jax.core.Tracer):
+        # Checked on the host value, which stays concrete under jit (a traced array cannot be checked).
+        host = np.asarray(class_weights)
+        if np.any(host < 0):
+            raise ValueError(f"{fn}: class_weights must be >= 0, got {host.tolist()}")
     w = jnp.asarray(class_weights, dtype=dtype)
     if w.ndim != 1 or w.shape[0] != num_classes:
         raise ValueError(
             f"{fn}: class_weights must have one entry per channel of logits, shape ({num_classes},), got "
             f"shape {w.shape}"
         )
-    if not isinstance(w, jax.core.Tracer) and bool(np.any(np.asarray(w) < 0)):
-        raise ValueError(f"{fn}: class_weights must be >= 0, got {np.asarray(w).tolist()}")
     return w
 
 
@@ -244,23 +247,21 @@ def _log_probs(x: jax.Array, activation: str) -> tuple[jax.Array, jax.Array, jax
     if activation == "none":
         p = x
         return p, jnp.log(jnp.clip(p, _PROB_EPS, 1.0)), jnp.log(jnp.clip(1.0 - p, _PROB_EPS, 1.0))
-    # Softmax with e_k = exp(x_k - max x) and s = sum_k e_k:
-    #   log p_k     = x_k - max x - log s
-    #   log(1 - p_k) = log(s - e_k) - log s
-    # For every channel below the maximum, s - e_k >= 1, so the subtraction loses nothing. For the maximal
-    # channel s - 1 would cancel catastrophically when p_k is near 1; there the other channels are summed
-    # directly. The remainder is floored at the smallest normal number so log(1 - p_k) stays finite when the
-    # other channels underflow entirely (a logit gap beyond about 87 in float32).
-    z = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-    e = jnp.exp(z)
-    s = jnp.sum(e, axis=-1, keepdims=True)
-    log_s = jnp.log(s)
-    is_max = z == 0
-    rest_of_max = jnp.sum(jnp.where(is_max, 0.0, e), axis=-1, keepdims=True)
-    rest_of_max += jnp.sum(is_max, axis=-1, keepdims=True).astype(x.dtype) - 1.0  # ties at the maximum
-    rest = jnp.where(is_max, rest_of_max, s - e)
-    tiny = jnp.finfo(x.dtype).tiny
-    return e / s, z - log_s, jnp.log(jnp.maximum(rest, tiny)) - log_s
+    # Softmax, log p_k = x_k - logsumexp(x). For log(1 - p_k): every channel but the most likely one a has
+    # p_k <= 1/2, so log1p(-p_k) is exact. For a itself, 1 - p_a = sum_{j != a} p_j is a log-sum-exp over
+    # the other channels, shifted by their own maximum m2 so that it never underflows, whatever the gap.
+    # The shifts m and m2 are constants for differentiation (the value does not depend on them).
+    num_classes = x.shape[-1]
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    is_a = jax.nn.one_hot(jnp.argmax(x, axis=-1), num_classes, dtype=jnp.bool_)
+    others = jnp.where(is_a, -jnp.inf, x)
+    m2 = jax.lax.stop_gradient(jnp.max(others, axis=-1, keepdims=True))
+    log_rest = m2 - m + jnp.log(jnp.sum(jnp.where(is_a, 0.0, jnp.exp(others - m2)), axis=-1, keepdims=True))
+    # s = sum_k exp(x_k - m) = exp(x_a - m) + rest; x_a - m is 0 but carries x_a's gradient.
+    log_s = jnp.logaddexp(jnp.sum(jnp.where(is_a, x - m, 0.0), axis=-1, keepdims=True), log_rest)
+    lp = x - m - log_s
+    p = jnp.exp(lp)
+    return p, lp, jnp.where(is_a, log_rest - log_s, jnp.log1p(-jnp.where(is_a, 0.0, p)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,8 +725,9 @@ def _cross_entropy_flat(fn, x, t, mask, int_labels, activation, weights, label_s
         # torch: nll weighted by w[y], the smoothing term -sum_k w_k log p_k / K; "mean" divides both by
         # sum_v w[y_v].
         wy = jnp.sum(t * w, axis=-1)
+        in_range = jnp.sum(t, axis=-1)  # 0 for a label outside [0, K): that voxel is left out entirely
         per = -(1.0 - label_smoothing) * wy * jnp.sum(t * lp, axis=-1)
-        per -= (label_smoothing / k) * jnp.sum(w * lp, axis=-1)
+        per -= (label_smoothing / k) * in_range * jnp.sum(w * lp, axis=-1)
         norm_w = wy
     else:
         # torch, probability targets: -sum_k w_k t_k log p_k with smoothed targets; "mean" divides by N.
