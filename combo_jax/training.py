@@ -465,7 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
             if step % t.checkpoint_every == 0 or step == t.num_steps:
                 save(latest, step)
         if stop["signal"] is not None:
-            save(latest, step)
+            if latest.latest_step() != step:  # the loop may have just saved this step
+                save(latest, step)
             latest.wait_until_finished()
             if is_main:
                 print(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same command to resume", flush=True)

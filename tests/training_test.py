@@ -147,6 +147,29 @@ def test_loss_by_name_from_the_config_argument(tmp_path):
     assert 0.0 <= summary["mean_fg_dice"] <= 1.0
 
 
+def test_sgd_nesterov_poly_decay_option(tmp_path):
+    config = tiny.get_config()
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.05
+    config.train.num_steps = 4
+    config.train.eval_every = 4
+    workdir = str(tmp_path / "sgd")
+    training.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    rows = _rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # Polynomial decay to 0 over num_steps: lr(step 1) = 0.05, decreasing.
+    lrs = [r["learning_rate"] for r in rows]
+    assert lrs[0] == pytest.approx(0.05) and all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_shipped_configs_are_valid(tmp_path):
+    from configs import default, phantom3d
+
+    for module in (default, phantom3d, tiny):
+        for loss in training.LOSSES:
+            training.check_config(module.get_config(loss), str(tmp_path / "check"), num_devices=1)
+
+
 def _bad(mutate, match, tmp_path, devices=None):
     config = tiny.get_config()
     mutate(config)
