@@ -241,7 +241,7 @@ def make_loss_fn(config):
     return loss_fn
 
 
-def make_train_step(graphdef, tx, loss_fn, on_nonfinite: str):
+def make_train_step(graphdef, tx, loss_fn):
     def train_step(state: TrainState, batch: dict):
         def objective(params):
             return loss_fn(nnx.merge(graphdef, params)(batch["image"]), batch["labels"])
@@ -257,7 +257,6 @@ def make_train_step(graphdef, tx, loss_fn, on_nonfinite: str):
         new_state = TrainState(state.step + 1, params, opt_state, first_bad)
         return new_state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads)}
 
-    del on_nonfinite  # the host decides what to do with nonfinite_step
     return train_step
 
 
@@ -380,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
     state = jax.device_put(state, replicated)
     train_step = jax.jit(
-        make_train_step(graphdef, tx, make_loss_fn(config), config.train.on_nonfinite),
+        make_train_step(graphdef, tx, make_loss_fn(config)),
         in_shardings=(replicated, data_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
