@@ -772,8 +772,7 @@ def cross_entropy(
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    int_labels = jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer)
-    return _cross_entropy_flat(fn, x, t, mask, int_labels, activation, weights, label_smoothing, reduction)
+    return _cross_entropy_flat(fn, x, t, mask, ids is not None, activation, weights, label_smoothing, reduction)
 
 
 def dice_ce_loss(

@@ -429,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     t = config.train
     step = int(state.step)
     bar = _progress(t.num_steps, step)
-    summary = None
+    summary, examples, evaluated_at = None, [], None
     last_log = (time.time(), step)
     pending = []  # device-side metrics not yet read, so logging never waits on the current step
     try:
@@ -458,7 +458,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
             if bar is not None:
                 bar.update(1)
             if step % t.eval_every == 0 or step == t.num_steps:
-                summary, _ = evaluate(eval_step, state.params, val_loader(), data_sharding, config.model.num_classes)
+                keep = config.eval.num_predictions if step == t.num_steps else 0
+                summary, examples = evaluate(eval_step, state.params, val_loader(), data_sharding,
+                                             config.model.num_classes, keep_predictions=keep)
+                evaluated_at = step
                 logger.write({"step": step, "split": "eval", "mean_fg_dice": summary["mean_fg_dice"], "organs": _named(summary["organs"])})
                 save(best, step, {"mean_fg_dice": summary["mean_fg_dice"]})
             if step % t.checkpoint_every == 0 or step == t.num_steps:
@@ -479,9 +482,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    # Final evaluation and report.
-    summary, examples = evaluate(eval_step, state.params, val_loader(), data_sharding, config.model.num_classes,
-                                 keep_predictions=config.eval.num_predictions)
+    # Final evaluation and report; the loop's evaluation of the last step serves unless the run was already
+    # finished when this call started.
+    if evaluated_at != step:
+        summary, examples = evaluate(eval_step, state.params, val_loader(), data_sharding,
+                                     config.model.num_classes, keep_predictions=config.eval.num_predictions)
     if is_main:
         write_report(config, workdir, summary, examples, elapsed=time.time() - started, steps=step)
     return summary
