@@ -82,23 +82,35 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, *, num_devices
                 f"config.loss.{key} is not an option of loss {loss.name!r} (its options: {', '.join(sorted(accepted))}); "
                 f"to switch losses use the config argument, e.g. --config=configs/default.py:{loss.name}"
             )
-    if config.data.name != "phantom":
-        raise ConfigError(f"config.data.name: unknown dataset {config.data.name!r}; expected 'phantom'")
-    if config.data.spatial_dims != len(config.data.shape):
+    d = config.data
+    if d.name not in ("phantom", "nifti"):
+        raise ConfigError(f"config.data.name: unknown dataset {d.name!r}; expected 'phantom' or 'nifti'")
+    if d.spatial_dims not in (2, 3) or d.spatial_dims != len(d.shape):
+        raise ConfigError(f"config.data.spatial_dims={d.spatial_dims} must be 2 or 3 and match config.data.shape={tuple(d.shape)}")
+    class_names = phantom.CLASS_NAMES if d.name == "phantom" else ("background", *d.organs)
+    if config.model.num_classes != len(class_names):
         raise ConfigError(
-            f"config.data.spatial_dims={config.data.spatial_dims} does not match config.data.shape={tuple(config.data.shape)}"
-        )
-    if config.model.num_classes != phantom.NUM_CLASSES:
-        raise ConfigError(
-            f"config.model.num_classes={config.model.num_classes} but the phantom has {phantom.NUM_CLASSES} classes "
-            f"({', '.join(phantom.CLASS_NAMES)})"
+            f"config.model.num_classes={config.model.num_classes} but the data has {len(class_names)} classes "
+            f"({', '.join(class_names)})"
         )
     divisor = 2 ** (len(config.model.features) - 1)
-    if any(s % divisor for s in config.data.shape):
-        raise ConfigError(
-            f"config.data.shape={tuple(config.data.shape)}: every size must be divisible by 2^(levels-1) = {divisor} "
-            f"for config.model.features={tuple(config.model.features)}"
-        )
+    shapes = {"config.data.shape": tuple(d.shape)}
+    if d.name == "nifti":
+        shapes["config.eval.window"] = tuple(config.eval.window)
+        if len(config.eval.window) != d.spatial_dims:
+            raise ConfigError(f"config.eval.window={tuple(config.eval.window)} must have {d.spatial_dims} sizes (config.data.spatial_dims)")
+        if not 0.0 <= config.eval.overlap < 1.0:
+            raise ConfigError(f"config.eval.overlap={config.eval.overlap} must be in [0, 1)")
+        unknown = set(d.augment.keys()) - set(augment_options())
+        if unknown:
+            raise ConfigError(f"config.data.augment has unknown options {sorted(unknown)}; the options are "
+                              f"{', '.join(augment_options())}")
+    for name, shape in shapes.items():
+        if any(s <= 0 or s % divisor for s in shape):
+            raise ConfigError(
+                f"{name}={shape}: every size must be a positive multiple of 2^(levels-1) = {divisor} "
+                f"for config.model.features={tuple(config.model.features)}"
+            )
     devices = jax.device_count() if num_devices is None else num_devices
     processes = jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
@@ -108,7 +120,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, *, num_devices
                 f"config.train.{name}={size} must be a positive multiple of the device count ({devices}) and of the "
                 f"process count ({processes}): each global batch is split evenly over devices"
             )
-    if config.data.num_val % config.train.eval_batch_size:
+    if d.name == "phantom" and d.num_val % config.train.eval_batch_size:
         raise ConfigError(
             f"config.data.num_val={config.data.num_val} must be a multiple of config.train.eval_batch_size="
             f"{config.train.eval_batch_size} so that every validation case is evaluated"
@@ -158,8 +170,12 @@ class PhantomSource:
         return self._cache[index]
 
 
-def make_loader(source, *, batch_size: int, shuffle: bool, seed: int, num_epochs, worker_count: int):
-    """A grain DataLoader yielding this process's share (batch_size // process_count) of each global batch."""
+def make_loader(source, *, batch_size: int, shuffle: bool, seed: int, num_epochs, worker_count: int,
+                operations=()):
+    """A grain DataLoader yielding this process's share (batch_size // process_count) of each global batch.
+
+    ``operations`` (grain transforms, e.g. patch sampling and augmentation) run on each record before batching.
+    """
     shard = grain.sharding.ShardOptions(
         shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True
     )
@@ -170,8 +186,131 @@ def make_loader(source, *, batch_size: int, shuffle: bool, seed: int, num_epochs
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[grain.transforms.Batch(batch_size=per_process, drop_remainder=True)],
+        operations=[*operations, grain.transforms.Batch(batch_size=per_process, drop_remainder=True)],
         worker_count=worker_count,
+    )
+
+
+@dataclasses.dataclass
+class Data:
+    """A dataset as training sees it: a source of training records and the validation cases.
+
+    The phantom's validation cases all have one shape and are evaluated in batches (``val_source``); real volumes
+    differ in size and are evaluated whole, one at a time, by sliding-window inference (``val_volumes``).
+    """
+
+    class_names: tuple[str, ...]
+    train_source: Any
+    train_operations: tuple  # grain transforms applied to each training record before batching
+    spacing: tuple[float, ...]  # voxel size in mm of the validation data
+    shares: np.ndarray  # fraction of validation voxels in each class, shape (K,)
+    description: str  # one line for the report
+    slice_axis: int = 0  # the axis a 3D volume is shown (and a 2D model predicts it) slice by slice along
+    val_source: Any = None
+    val_volumes: list | None = None
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_source) if self.val_source is not None else len(self.val_volumes)
+
+
+def make_data(config) -> Data:
+    """The datasets a config names."""
+    d = config.data
+    if d.name == "phantom":
+        val = PhantomSource(d.seed, d.shape, d.num_val, offset=1_000_000)
+        return Data(
+            class_names=phantom.CLASS_NAMES,
+            train_source=PhantomSource(d.seed, d.shape, d.num_train, offset=0),
+            train_operations=(),
+            spacing=(1.0,) * len(d.shape),
+            shares=phantom.class_frequencies(d.seed, tuple(d.shape), num_cases=min(16, d.num_val)),
+            description=f"embedded phantom, {d.num_train} training and {d.num_val} validation cases of "
+                        f"{' x '.join(map(str, d.shape))} voxels (1 mm)",
+            val_source=val,
+        )
+    return _make_volume_data(config)
+
+
+def augment_options() -> dict:
+    """The options of :class:`combo_jax.data.pipeline.Augment` with their defaults, for ``config.data.augment``."""
+    from combo_jax.data import pipeline
+
+    return {p.name: p.default for p in inspect.signature(pipeline.Augment).parameters.values()}
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "combo_jax")
+
+
+def _slab(volume, axis: int, start: int, stop: int, suffix: str):
+    take = lambda a: np.take(a, np.arange(start, stop), axis=axis)  # noqa: E731
+    return dataclasses.replace(volume, name=f"{volume.name}{suffix}", image=take(volume.image), labels=take(volume.labels))
+
+
+def _make_volume_data(config) -> Data:
+    """Real volumes (``config.data.name == "nifti"``): loaded, checked, preprocessed and cached up front."""
+    from combo_jax.data import nifti, pipeline
+
+    d = config.data
+    if not d.root:
+        raise ConfigError("config.data.root is empty: set it to the dataset folder (an MSD task or the folder "
+                          "that config.data.cases is relative to)")
+    if not os.path.isdir(d.root):
+        raise ConfigError(f"config.data.root={d.root!r} is not a directory")
+    if len(d.label_ids) != len(d.organs):
+        raise ConfigError(f"config.data.label_ids={tuple(d.label_ids)} must give one dataset label id per organ in "
+                          f"config.data.organs={tuple(d.organs)}")
+    declared = None
+    if d.cases:
+        def under_root(p):
+            return None if p is None else os.path.join(d.root, p) if isinstance(p, str) else tuple(os.path.join(d.root, q) for q in p)
+
+        cases = nifti.from_pairs([(under_root(image), under_root(label)) for image, label in d.cases])
+    else:
+        info = nifti.read_msd(d.root)
+        cases, declared = info.cases, info.label_ids
+    preprocessing = nifti.Preprocessing(
+        spacing=tuple(d.spacing) or None, modality=d.modality, ct_window=tuple(d.ct_window),
+        label_map={int(i): k + 1 for k, i in enumerate(d.label_ids)},
+    )
+    volumes = nifti.load_dataset(cases, preprocessing, label_ids=declared, cache_dir=d.cache_dir or default_cache_dir())
+    names = ", ".join(v.name for v in volumes)
+    if d.val_slab:
+        start, stop = (int(x) for x in d.val_slab)
+        if len(volumes) != 1:
+            raise ConfigError(f"config.data.val_slab splits a single case, but the dataset has {len(volumes)} cases; "
+                              "use config.data.num_val instead")
+        volume, axis = volumes[0], d.slice_axis
+        depth = volume.labels.shape[axis]
+        if not 0 <= start < stop <= depth or (start == 0 and stop == depth):
+            raise ConfigError(f"config.data.val_slab={tuple(d.val_slab)} must be (start, stop) with 0 <= start < stop <= "
+                              f"{depth} (slices along config.data.slice_axis={axis}) leaving slices for training")
+        val = [_slab(volume, axis, start, stop, f"[{start}:{stop}]")]
+        train = [_slab(volume, axis, a, b, f"[{a}:{b}]") for a, b in ((0, start), (stop, depth)) if b > a]
+        description = (f"one case ({names}); validation on slices {start}-{stop - 1} along axis {axis}, training on "
+                       f"the other {depth - (stop - start)} slices: a pipeline check on real anatomy, not a benchmark")
+    else:
+        if not 1 <= d.num_val < len(volumes):
+            raise ConfigError(f"config.data.num_val={d.num_val} must hold out between 1 and {len(volumes) - 1} of the "
+                              f"{len(volumes)} cases (or set config.data.val_slab for a single case)")
+        train, val = volumes[: -d.num_val], volumes[-d.num_val:]
+        description = f"{len(train)} training and {len(val)} validation cases from {d.root}"
+    counts = sum(np.bincount(v.labels.ravel(), minlength=len(d.organs) + 1) for v in val)
+    spacing = tuple(val[0].spacing)
+    return Data(
+        class_names=("background", *d.organs),
+        train_source=pipeline.VolumeSource(train, num_records=d.num_train),
+        train_operations=(
+            pipeline.PatchSampler(tuple(d.shape), slice_axis=d.slice_axis, foreground_fraction=d.foreground_fraction,
+                                  class_balanced=d.class_balanced),
+            pipeline.Augment(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.augment.items()}),
+        ),
+        spacing=spacing,
+        shares=counts / counts.sum(),
+        description=f"{description}; voxel size {' x '.join(f'{s:g}' for s in spacing)} mm",
+        slice_axis=d.slice_axis,
+        val_volumes=val,
     )
 
 
@@ -226,6 +365,34 @@ class TrainState:
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state", "nonfinite_step"], meta_fields=[])
 
 
+def init_state(config):
+    """The model's graph, a fresh TrainState, the optimizer and its learning-rate schedule."""
+    model = make_model(config, rngs=nnx.Rngs(params=config.seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, schedule = make_optimizer(config)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
+    return graphdef, state, tx, schedule
+
+
+def load_run(workdir: str, *, checkpoint: str = "best"):
+    """(config, graphdef, params, step) of a training run's ``best`` or ``latest`` checkpoint, on the host."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a combo_jax training workdir")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if checkpoint not in ("best", "latest"):
+        raise ValueError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints", checkpoint))
+    step = manager.latest_step() if checkpoint == "latest" else manager.best_step()
+    if step is None:
+        raise FileNotFoundError(f"no {checkpoint} checkpoint under {workdir}/checkpoints/{checkpoint}")
+    graphdef, state, _, _ = init_state(config)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return config, graphdef, restored["state"].params, step
+
+
 def make_loss_fn(config):
     options = {k: v for k, v in config.loss.items() if k != "name"}
     if "class_weights" in options:
@@ -260,14 +427,17 @@ def make_train_step(graphdef, tx, loss_fn):
     return train_step
 
 
-def make_eval_step(graphdef, num_classes: int):
-    def eval_step(params, batch):
-        outputs = nnx.merge(graphdef, params)(batch["image"])
-        logits = outputs[0] if isinstance(outputs, list) else outputs
-        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return pred, metrics.confusion_counts(pred, batch["labels"], num_classes)
+def make_eval_steps(graphdef) -> dict:
+    """The model's full-resolution logits (``apply``) and its predicted label map (``eval``), unjitted."""
 
-    return eval_step
+    def apply(params, image):
+        outputs = nnx.merge(graphdef, params)(image)
+        return (outputs[0] if isinstance(outputs, list) else outputs).astype(jnp.float32)
+
+    def eval_step(params, batch):
+        return jnp.argmax(apply(params, batch["image"]), axis=-1).astype(jnp.int32)
+
+    return {"apply": apply, "eval": eval_step}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,20 +495,79 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def evaluate(eval_step, params, loader, sharding, num_classes: int, *, keep_predictions: int = 0):
-    """Accumulated confusion counts over a split, and a few (image, labels, prediction) triples."""
-    counts = None
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) global array as one numpy array on every process."""
+    if jax.process_count() > 1:
+        return np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _confusion(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(TP, FP, FN) per class of one case, shape (3, K), on the host."""
+    matrix = np.bincount(labels.ravel().astype(np.int64) * k + pred.ravel(), minlength=k * k).reshape(k, k)
+    tp = np.diag(matrix)
+    return np.stack([tp, matrix.sum(0) - tp, matrix.sum(1) - tp])
+
+
+def predict_volume(config, apply_fn, params, image: np.ndarray, sharding) -> np.ndarray:
+    """Logits of one whole volume ``(*spatial, C)`` by sliding-window inference, windows split over the mesh.
+
+    A 2D model on a 3D volume predicts it slice by slice along ``config.data.slice_axis``.
+    """
+    from combo_jax import inference
+
+    def run(windows: np.ndarray) -> np.ndarray:
+        x = jax.make_array_from_callback(windows.shape, sharding, lambda index: windows[index])
+        return _to_host(apply_fn(params, x))
+
+    options = dict(window=tuple(config.eval.window), overlap=config.eval.overlap, batch_size=config.train.eval_batch_size)
+    if config.data.spatial_dims == 2 and image.ndim == 4:
+        return inference.predict_slices(run, image, slice_axis=config.data.slice_axis, **options)
+    return inference.sliding_window_inference(run, image, **options)
+
+
+def evaluate(config, data: Data, params, steps: dict, sharding, *, keep_predictions: int = 0):
+    """Per-organ metrics of the validation split, and a few (image, labels, prediction) triples.
+
+    Overlap metrics come from confusion counts summed over every validation voxel (dataset-level Dice, precision,
+    recall, false-positive and false-negative volumes). Surface metrics (HD95, mean surface distance, normalized
+    surface Dice) are computed per case on the host at the data's voxel spacing and averaged over cases; a case
+    where the organ is missing from exactly one of prediction and truth has an infinite distance, which is left
+    out of the mean and counted (``*_inf_cases``).
+    """
+    k = config.model.num_classes
+    counts = np.zeros((3, k), np.int64)
+    volumes_ml = np.zeros((2, k))  # false-positive and false-negative volume, each case at its own voxel size
+    surface = []
     examples = []
-    for local in loader:
-        batch = global_batch(local, sharding)
-        pred, c = eval_step(params, batch)
-        counts = c if counts is None else jax.tree.map(jnp.add, counts, c)
-        if len(examples) < keep_predictions and jax.process_index() == 0:
-            p = np.asarray(jax.experimental.multihost_utils.process_allgather(pred, tiled=True)) if jax.process_count() > 1 else np.asarray(pred)
-            for i in range(min(len(p), keep_predictions - len(examples))):
-                examples.append((np.asarray(local["image"][i]), np.asarray(local["labels"][i]), p[i]))
-    tp, fp, fn = (np.asarray(a) for a in counts)
-    return metrics.summarize(tp, fp, fn), examples
+
+    def add_case(image, labels, pred, spacing):
+        case = _confusion(pred, labels, k)
+        counts[:] += case
+        volumes_ml[:] += case[1:] * float(np.prod(spacing)) / 1000.0
+        surface.append(metrics.surface_metrics(pred, labels, k, spacing=spacing, tolerance_mm=config.eval.nsd_tolerance_mm))
+        if len(examples) < keep_predictions:
+            examples.append((image, labels, pred))
+
+    if data.val_source is not None:
+        loader = make_loader(data.val_source, batch_size=config.train.eval_batch_size, shuffle=False, seed=0,
+                             num_epochs=1, worker_count=0)
+        for local in loader:
+            batch = global_batch(local, sharding)
+            pred, labels, image = (_to_host(a) for a in (steps["eval"](params, batch), batch["labels"], batch["image"]))
+            for i in range(len(pred)):
+                add_case(image[i], labels[i], pred[i], data.spacing)
+    else:
+        for volume in data.val_volumes:
+            logits = predict_volume(config, steps["apply"], params, volume.image, sharding)
+            add_case(volume.image, volume.labels, np.argmax(logits, axis=-1).astype(np.int32), volume.spacing)
+    tp, fp, fn = counts
+    summary = metrics.summarize(tp, fp, fn)
+    for organ, row in summary["organs"].items():
+        row["fp_ml"], row["fn_ml"] = float(volumes_ml[0, organ]), float(volumes_ml[1, organ])
+        for key in ("hd95_mm", "msd_mm", "nsd"):
+            row[key], row[f"{key}_inf_cases"] = metrics.mean_finite([case[organ][key] for case in surface])
+    return summary, examples
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
@@ -352,6 +581,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     check_config(config, workdir, num_devices=len(devices))
     is_main = jax.process_index() == 0
     started = time.time()
+    if is_main:  # what predict (load_run) and the experiment runner read back
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
 
     # Mesh: one data axis over every device of every process; batches split, parameters replicated.
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -359,24 +591,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     replicated = NamedSharding(mesh, P())
 
     # Data.
-    d = config.data
-    train_source = PhantomSource(d.seed, d.shape, d.num_train, offset=0)
-    val_source = PhantomSource(d.seed, d.shape, d.num_val, offset=1_000_000)
+    data = make_data(config)
     train_loader = make_loader(
-        train_source, batch_size=config.train.batch_size, shuffle=True, seed=config.seed, num_epochs=None,
-        worker_count=d.worker_count,
+        data.train_source, batch_size=config.train.batch_size, shuffle=True, seed=config.seed, num_epochs=None,
+        worker_count=config.data.worker_count, operations=data.train_operations,
     )
     train_iter = iter(train_loader)
 
-    def val_loader():
-        return make_loader(val_source, batch_size=config.train.eval_batch_size, shuffle=False, seed=0, num_epochs=1,
-                           worker_count=0)
-
     # Model and optimizer: split once into a static graph and a parameter pytree.
-    model = make_model(config, rngs=nnx.Rngs(params=config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx, schedule = make_optimizer(config)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
+    graphdef, state, tx, schedule = init_state(config)
     state = jax.device_put(state, replicated)
     train_step = jax.jit(
         make_train_step(graphdef, tx, make_loss_fn(config)),
@@ -384,8 +607,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(make_eval_step(graphdef, config.model.num_classes),
-                        in_shardings=(replicated, data_sharding), out_shardings=(data_sharding, replicated))
+    steps = make_eval_steps(graphdef)
+    steps = {
+        "eval": jax.jit(steps["eval"], in_shardings=(replicated, data_sharding), out_shardings=data_sharding),
+        "apply": jax.jit(steps["apply"], in_shardings=(replicated, data_sharding), out_shardings=data_sharding),
+    }
 
     # Checkpoints: the last few in checkpoints/latest, the best by validation Dice in checkpoints/best. Orbax
     # writes each into a temporary directory and renames it when complete, so a half-written checkpoint is
@@ -459,10 +685,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 bar.update(1)
             if step % t.eval_every == 0 or step == t.num_steps:
                 keep = config.eval.num_predictions if step == t.num_steps else 0
-                summary, examples = evaluate(eval_step, state.params, val_loader(), data_sharding,
-                                             config.model.num_classes, keep_predictions=keep)
+                summary, examples = evaluate(config, data, state.params, steps, data_sharding, keep_predictions=keep)
                 evaluated_at = step
-                logger.write({"step": step, "split": "eval", "mean_fg_dice": summary["mean_fg_dice"], "organs": _named(summary["organs"])})
+                logger.write({"step": step, "split": "eval", "mean_fg_dice": summary["mean_fg_dice"], "organs": _named(summary["organs"], data.class_names)})
                 save(best, step, {"mean_fg_dice": summary["mean_fg_dice"]})
             if step % t.checkpoint_every == 0 or step == t.num_steps:
                 save(latest, step)
@@ -485,45 +710,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     # Final evaluation and report; the loop's evaluation of the last step serves unless the run was already
     # finished when this call started.
     if evaluated_at != step:
-        summary, examples = evaluate(eval_step, state.params, val_loader(), data_sharding,
-                                     config.model.num_classes, keep_predictions=config.eval.num_predictions)
+        summary, examples = evaluate(config, data, state.params, steps, data_sharding,
+                                     keep_predictions=config.eval.num_predictions)
     if is_main:
-        write_report(config, workdir, summary, examples, elapsed=time.time() - started, steps=step)
+        write_summary(config, data, workdir, summary, elapsed=time.time() - started, steps=step)
+        write_report(config, data, workdir, summary, examples, elapsed=time.time() - started, steps=step)
     return summary
 
 
-def _named(organs: dict) -> dict:
-    return {phantom.CLASS_NAMES[k]: v for k, v in organs.items()}
+def _named(organs: dict, class_names) -> dict:
+    return {class_names[k]: v for k, v in organs.items()}
 
 
-def write_report(config, workdir, summary, examples, *, elapsed: float, steps: int) -> None:
-    """workdir/report.md (per-organ table, class frequencies) and workdir/predictions.png."""
-    freqs = phantom.class_frequencies(config.data.seed, tuple(config.data.shape), num_cases=min(16, config.data.num_val))
+def write_summary(config, data: Data, workdir: str, summary: dict, *, elapsed: float, steps: int) -> None:
+    """workdir/summary.json: the final validation metrics per organ with the run's loss and config.
+
+    Written atomically, last, so its presence means the run finished.
+    """
+    organs = _named(summary["organs"], data.class_names)
+    for k, name in enumerate(data.class_names[1:], start=1):
+        organs[name]["share"] = float(data.shares[k])
+    row = {
+        "loss": config.loss.to_dict(),
+        "steps": steps,
+        "elapsed_s": elapsed,
+        "mean_fg_dice": summary["mean_fg_dice"],
+        "voxel_volume_ml": float(np.prod(data.spacing)) / 1000.0,
+        "spacing_mm": list(data.spacing),
+        "num_val_cases": data.num_val,
+        "platform": jax.devices()[0].platform,
+        "device_count": jax.device_count(),
+        "organs": organs,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    path = os.path.join(workdir, "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(row, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _mm(value: float, inf_cases: int) -> str:
+    text = "n/a" if not np.isfinite(value) else f"{value:.2f}"
+    return text + (f" ({inf_cases} inf)" if inf_cases else "")
+
+
+def write_report(config, data: Data, workdir, summary, examples, *, elapsed: float, steps: int) -> None:
+    """workdir/report.md (per-organ table with class shares) and workdir/predictions.png."""
+    freqs = data.shares
     lines = [
         "# combo_jax training report",
+        "",
+        f"Data: {data.description}.",
         "",
         f"Loss `{config.loss.name}` ({', '.join(f'{k}={v}' for k, v in config.loss.items() if k != 'name')}); "
         f"{steps} steps, global batch {config.train.batch_size}, {jax.device_count()} device(s) "
         f"({jax.devices()[0].platform}), {elapsed / 60:.1f} min.",
         "",
-        f"**Mean foreground Dice (validation, {config.data.num_val} cases): {summary['mean_fg_dice']:.4f}**",
+        f"**Mean foreground Dice (validation, {data.num_val} cases): {summary['mean_fg_dice']:.4f}**",
         "",
-        "| organ | share of voxels | Dice | precision | recall | false-positive voxels | false-negative voxels |",
-        "|---|---|---|---|---|---|---|",
+        "| organ | share of voxels | Dice | precision | recall | false-positive voxels | false-negative voxels | "
+        f"HD95 (mm) | mean surface distance (mm) | surface Dice at {config.eval.nsd_tolerance_mm:g} mm |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, row in summary["organs"].items():
         lines.append(
-            f"| {phantom.CLASS_NAMES[k]} | {freqs[k] * 100:.3f}% | {row['dice']:.4f} | {row['precision']:.4f} | "
-            f"{row['recall']:.4f} | {row['fp_voxels']} | {row['fn_voxels']} |"
+            f"| {data.class_names[k]} | {freqs[k] * 100:.3f}% | {row['dice']:.4f} | {row['precision']:.4f} | "
+            f"{row['recall']:.4f} | {row['fp_voxels']} | {row['fn_voxels']} | "
+            f"{_mm(row['hd95_mm'], row['hd95_mm_inf_cases'])} | {_mm(row['msd_mm'], row['msd_mm_inf_cases'])} | "
+            f"{row['nsd']:.4f} |"
         )
-    lines += ["", f"Background: {freqs[0] * 100:.2f}% of voxels. Predictions of a few validation cases: predictions.png.", ""]
+    lines += [
+        "",
+        f"Background: {freqs[0] * 100:.2f}% of voxels. Dice, precision and recall are dataset-level (voxel counts "
+        "summed over the validation cases); surface metrics are means over cases, leaving out cases where the organ "
+        "is missing from exactly one of prediction and truth (counted as \"inf\"). Predictions of a few validation "
+        "cases: predictions.png.",
+        "",
+    ]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines))
     if examples:
-        _plot_predictions(examples, os.path.join(workdir, "predictions.png"))
+        _plot_predictions(examples, os.path.join(workdir, "predictions.png"), data.slice_axis)
 
 
-def _plot_predictions(examples, path):
+def _plot_predictions(examples, path, slice_axis: int):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -531,9 +801,9 @@ def _plot_predictions(examples, path):
 
     fig, axes = plt.subplots(len(examples), 3, figsize=(9, 3 * len(examples)), squeeze=False)
     for row, (image, labels, pred) in zip(axes, examples):
-        if image.ndim == 4:  # 3D: the middle axial slice
-            mid = image.shape[0] // 2
-            image, labels, pred = image[mid], labels[mid], pred[mid]
+        if image.ndim == 4:  # 3D: the middle slice along slice_axis
+            mid = image.shape[slice_axis] // 2
+            image, labels, pred = (np.take(a, mid, axis=slice_axis) for a in (image, labels, pred))
         for ax, data, title in zip(row, (image[..., 0], labels, pred), ("image", "ground truth", "prediction")):
             if title == "image":
                 ax.imshow(data, cmap="gray")

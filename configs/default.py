@@ -58,4 +58,5 @@ def get_config(loss: str = "combo") -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.num_predictions = 4
+    config.eval.nsd_tolerance_mm = 2.0  # normalized surface Dice tolerance
     return config

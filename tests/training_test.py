@@ -200,7 +200,7 @@ def test_bad_configs_fail_before_training(tmp_path):
     _bad(unknown_loss, "config.loss.name: unknown loss 'hinge'", tmp_path)
     _bad(wrong_option, r"config.loss.alpha is not an option of loss 'dice'", tmp_path)
     _bad(classes, "config.model.num_classes=5", tmp_path)
-    _bad(shape, "divisible by 2", tmp_path)
+    _bad(shape, r"config.data.shape=\(31, 32\): every size must be a positive multiple of 2", tmp_path)
     _bad(nonfinite_policy, "on_nonfinite", tmp_path)
     if jax.device_count() >= 4:
         _bad(indivisible, "batch_size=6 must be a positive multiple of the device count", tmp_path,
