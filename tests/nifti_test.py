@@ -303,6 +303,23 @@ def test_read_msd_folder_without_json_matches_names(tmp_path):
     assert info.label_ids is None
 
 
+def test_read_nnunet_v2_dataset_json(tmp_path):
+    make_msd(tmp_path, json_file=False, suffix="_0000")
+    meta = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "cord": 1, "grey": 2}, "numTraining": 2,
+            "file_ending": ".nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    info = nifti.read_msd(str(tmp_path))
+    assert [c.name for c in info.cases] == ["a", "b"] and info.modalities == ("MRI",)
+    assert info.label_names == {0: "background", 1: "cord", 2: "grey"}
+
+
+def test_multi_channel_cases_are_rejected(tmp_path):
+    make_msd(tmp_path, json_file=False, suffix="_0000")
+    write(tmp_path / "imagesTr" / "a_0001.nii.gz", np.zeros((3, 3, 2), np.int16))
+    with pytest.raises(nifti.DatasetError, match=r"case 'a' has several image files \(a_0000\.nii\.gz, a_0001\.nii\.gz\)"):
+        nifti.read_msd(str(tmp_path))
+
+
 def test_from_pairs_names_cases():
     cases = nifti.from_pairs([("/d/x.nii.gz", "/d/x_seg.nii.gz"), ("/d/y.nii", ["/d/m1.nii", "/d/m2.nii"]), ("/d/z.nii.gz", None)])
     assert cases == (nifti.Case("x", "/d/x.nii.gz", "/d/x_seg.nii.gz"), nifti.Case("y", "/d/y.nii", ("/d/m1.nii", "/d/m2.nii")),

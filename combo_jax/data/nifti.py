@@ -134,11 +134,14 @@ def read_msd(root: str) -> DatasetInfo:
     With ``root/dataset.json``: its ``"training"`` list of ``{"image": "./imagesTr/x.nii.gz", "label":
     "./labelsTr/x.nii.gz"}`` gives the cases (paths relative to ``root``), ``"test"`` (a list of image paths)
     the prediction-only cases, ``"labels"`` (``{"0": "background", "1": "liver", ...}``) the declared label
-    ids and ``"modality"`` (``{"0": "CT"}``) the image channels.
+    ids and ``"modality"`` (``{"0": "CT"}``) the image channels. An nnU-Net v2 ``dataset.json`` (no
+    ``"training"`` list, ``"labels"`` as ``{"background": 0, "liver": 1}``, ``"channel_names"``) is read too,
+    its cases paired from the folders as below.
 
     Without it: ``root/imagesTr`` and ``root/labelsTr`` with matching file names (an image may carry
     nnU-Net's channel suffix, ``x_0000.nii.gz`` for label ``x.nii.gz``); labels and modalities are then
-    unknown. Files starting with a dot are skipped.
+    unknown. Files starting with a dot are skipped. Multi-channel cases (``x_0000``, ``x_0001``) are not
+    supported.
 
     Raises :class:`DatasetError` for an empty or unreadable layout or a reference to a missing file.
     """
@@ -148,6 +151,11 @@ def read_msd(root: str) -> DatasetInfo:
     meta_path = os.path.join(root, "dataset.json")
     if os.path.exists(meta_path):
         return _read_dataset_json(root, meta_path)
+    return DatasetInfo(root=root, name=os.path.basename(os.path.abspath(root)), cases=_pair_folders(root))
+
+
+def _pair_folders(root: str) -> tuple[Case, ...]:
+    """Cases from root/imagesTr and root/labelsTr, matched by file name (images may end in _0000)."""
     images_dir, labels_dir = os.path.join(root, "imagesTr"), os.path.join(root, "labelsTr")
     if not (os.path.isdir(images_dir) and os.path.isdir(labels_dir)):
         raise DatasetError(f"dataset folder {root!r} has neither a dataset.json nor imagesTr/ and labelsTr/ folders")
@@ -155,20 +163,40 @@ def read_msd(root: str) -> DatasetInfo:
     labels = {_case_name(f): f for f in os.listdir(labels_dir) if _is_nifti(f)}
     if not images:
         raise DatasetError(f"dataset folder {root!r}: imagesTr/ holds no .nii or .nii.gz files")
-    cases, unmatched = [], []
+    cases, unmatched = {}, []
     for f in images:
         name = _case_name(f)
         key = name if name in labels else re.sub(r"_\d{4}$", "", name)
+        if key in cases:
+            raise DatasetError(
+                f"dataset folder {root!r}: case {key!r} has several image files ({os.path.basename(cases[key].image)}, "
+                f"{f}); multi-channel images are not supported"
+            )
         if key not in labels:
             unmatched.append(f)
             continue
-        cases.append(Case(key, os.path.join(images_dir, f), os.path.join(labels_dir, labels.pop(key))))
-    if unmatched or labels:
+        cases[key] = Case(key, os.path.join(images_dir, f), os.path.join(labels_dir, labels[key]))
+    orphans = sorted(f for k, f in labels.items() if k not in cases)
+    if unmatched or orphans:
         raise DatasetError(
             f"dataset folder {root!r}: images without a label in labelsTr/: {unmatched[:5]}"
-            f"{' ...' if len(unmatched) > 5 else ''}; labels without an image in imagesTr/: {sorted(labels.values())[:5]}"
+            f"{' ...' if len(unmatched) > 5 else ''}; labels without an image in imagesTr/: {orphans[:5]}"
         )
-    return DatasetInfo(root=root, name=os.path.basename(os.path.abspath(root)), cases=tuple(cases))
+    return tuple(cases.values())
+
+
+def _parse_label_names(raw: Any, meta_path: str) -> dict[int, str]:
+    """MSD ``{"0": "background", ...}`` or nnU-Net v2 ``{"background": 0, ...}`` as ``{id: name}``."""
+    if isinstance(raw, dict):
+        try:
+            return {int(k): str(v) for k, v in raw.items()}
+        except ValueError:
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+                return {v: str(k) for k, v in raw.items()}
+    raise DatasetError(
+        f"{meta_path}: \"labels\" must map ids to names ({{\"0\": \"background\"}}) or names to integer ids "
+        f"({{\"background\": 0}}; region lists are not supported), got {raw!r}"
+    )
 
 
 def _read_dataset_json(root: str, meta_path: str) -> DatasetInfo:
@@ -177,6 +205,8 @@ def _read_dataset_json(root: str, meta_path: str) -> DatasetInfo:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise DatasetError(f"{meta_path}: cannot read the dataset description: {err}") from err
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
 
     def resolve(rel: Any, where: str) -> str:
         if not isinstance(rel, str):
@@ -184,14 +214,17 @@ def _read_dataset_json(root: str, meta_path: str) -> DatasetInfo:
         return os.path.normpath(os.path.join(root, rel))
 
     training = meta.get("training")
-    if not isinstance(training, list) or not training:
+    if training is None and "training" not in meta and "numTraining" in meta:  # nnU-Net v2: pair the folders
+        cases = list(_pair_folders(root))
+    elif not isinstance(training, list) or not training:
         raise DatasetError(f"{meta_path}: the \"training\" list is missing or empty")
-    cases = []
-    for i, entry in enumerate(training):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DatasetError(f"{meta_path}: training[{i}] is {entry!r}, expected {{\"image\": ..., \"label\": ...}}")
-        image = resolve(entry["image"], f"training[{i}].image")
-        cases.append(Case(_case_name(image), image, resolve(entry["label"], f"training[{i}].label")))
+    else:
+        cases = []
+        for i, entry in enumerate(training):
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                raise DatasetError(f"{meta_path}: training[{i}] is {entry!r}, expected {{\"image\": ..., \"label\": ...}}")
+            image = resolve(entry["image"], f"training[{i}].image")
+            cases.append(Case(_case_name(image), image, resolve(entry["label"], f"training[{i}].label")))
     test_cases = tuple(
         Case(_case_name(p), p, None)
         for p in (resolve(t, f"test[{i}]") for i, t in enumerate(meta.get("test") or []))
@@ -202,14 +235,12 @@ def _read_dataset_json(root: str, meta_path: str) -> DatasetInfo:
             f"{meta_path} references {len(missing)} missing file(s): {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}"
         )
-    label_names = None
-    if "labels" in meta:
-        try:
-            label_names = {int(k): str(v) for k, v in meta["labels"].items()}
-        except (AttributeError, ValueError) as err:
-            raise DatasetError(f"{meta_path}: \"labels\" must map integer ids to names, got {meta['labels']!r}") from err
-    modality = meta.get("modality") or {}
-    modalities = tuple(str(modality[k]) for k in sorted(modality, key=int)) if isinstance(modality, dict) else ()
+    label_names = _parse_label_names(meta["labels"], meta_path) if "labels" in meta else None
+    modality = meta.get("modality") or meta.get("channel_names") or {}
+    try:
+        modalities = tuple(str(modality[k]) for k in sorted(modality, key=int))
+    except (TypeError, ValueError, AttributeError) as err:
+        raise DatasetError(f"{meta_path}: \"modality\" must map channel numbers to names, got {modality!r}") from err
     return DatasetInfo(
         root=root, name=str(meta.get("name", os.path.basename(os.path.abspath(root)))), cases=tuple(cases),
         test_cases=test_cases, label_names=label_names, modalities=modalities,
@@ -326,17 +357,18 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing:
 
 
 def normalize(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    r"""Intensity normalization by modality (float32 out, statistics computed in float64).
+    r"""Intensity normalization by modality (float32 arithmetic, statistics accumulated in float64).
 
     CT: :math:`c = \mathrm{clip}(x, lo, hi)`, :math:`(c - \bar c) / \sigma_c`; MRI: :math:`(x - \bar x) /
     \sigma_x`. Means and standard deviations are over the whole volume (population std); a zero std leaves the
     centred values (all zero).
     """
-    x = image.astype(np.float64)
+    x = np.asarray(image, np.float32)
     if preprocessing.modality == "CT":
         x = np.clip(x, *preprocessing.ct_window)
-    mean, std = x.mean(), x.std()
-    return ((x - mean) / (std if std > 0 else 1.0)).astype(np.float32)
+    mean = x.mean(dtype=np.float64)
+    std = np.sqrt(np.mean(np.square(x - np.float32(mean), dtype=np.float64)))
+    return ((x - np.float32(mean)) * np.float32(1.0 / (std if std > 0 else 1.0))).astype(np.float32)
 
 
 def combine_masks(masks: Sequence[np.ndarray]) -> np.ndarray:
