@@ -25,7 +25,6 @@ import platform
 import time
 
 import grain
-import numpy as np
 from absl import flags
 
 from combo_jax.data import nifti, pipeline

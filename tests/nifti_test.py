@@ -446,6 +446,10 @@ def test_preprocessing_argument_checks():
         nifti.Preprocessing(spacing=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="modality must be 'CT' or 'MRI', got 'PET'"):
         nifti.Preprocessing(modality="PET")
+    with pytest.raises(ValueError, match="maps an id twice"):
+        nifti.Preprocessing(label_map={"5": 1, 5: 2})
+    with pytest.raises(ValueError, match="label_map is empty"):
+        nifti.Preprocessing(label_map={})
     with pytest.raises(ValueError, match="ct_window"):
         nifti.Preprocessing(ct_window=(100, -100))
 

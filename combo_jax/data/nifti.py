@@ -305,8 +305,13 @@ class Preprocessing:
                 pairs = tuple(sorted((int(k), int(v)) for k, v in items))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"Preprocessing.label_map must map integer ids to class indices, got {self.label_map!r}") from err
+            if not pairs:
+                raise ValueError("Preprocessing.label_map is empty; use None to keep the file's label ids")
+            ids = [k for k, _ in pairs]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"Preprocessing.label_map maps an id twice: {list(pairs)}")
             classes = {v for _, v in pairs}
-            if not pairs or min(k for k, _ in pairs) < 0 or min(classes) < 0:
+            if min(ids) < 0 or min(classes) < 0:
                 raise ValueError(f"Preprocessing.label_map needs non-negative ids and classes, got {dict(pairs)}")
             missing = set(range(1, max(classes) + 1)) - classes
             if missing:
