@@ -33,6 +33,7 @@ parity: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/losses.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV)

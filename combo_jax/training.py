@@ -244,8 +244,11 @@ def default_cache_dir() -> str:
 
 
 def _slab(volume, axis: int, start: int, stop: int, suffix: str):
+    """Slices ``start:stop`` along ``axis`` of a volume, as a volume of its own (on its own, resampled grid)."""
     take = lambda a: np.take(a, np.arange(start, stop), axis=axis)  # noqa: E731
-    return dataclasses.replace(volume, name=f"{volume.name}{suffix}", image=take(volume.image), labels=take(volume.labels))
+    labels = take(volume.labels)
+    return dataclasses.replace(volume, name=f"{volume.name}{suffix}", image=take(volume.image), labels=labels,
+                               original_shape=labels.shape, original_spacing=volume.spacing)
 
 
 def _make_volume_data(config) -> Data:

@@ -1,1 +1,1 @@
-"""Datasets: the embedded procedural phantom and (later) real NIfTI volumes."""
+"""Datasets: the embedded procedural phantom (phantom.py), real NIfTI volumes (nifti.py) and the grain patch pipeline (pipeline.py)."""

@@ -1,0 +1,174 @@
+"""Training, evaluation and prediction on NIfTI volumes end to end: an MSD task folder written here, the two
+real samples in ../shared/data (skipped when absent), and the errors a user's dataset can raise before training."""
+
+import json
+import os
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from combo_jax import predict, training
+from configs import msd, sct_gm, totalseg_ct
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+AFFINE = np.array([[-1.5, 0, 0, 40.0], [0, 1.5, 0, -20.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
+
+
+def _write(path, data, affine=AFFINE):
+    nib.Nifti1Image(np.asarray(data), affine).to_filename(str(path))
+
+
+def _case(rng, shape=(24, 20, 10)):
+    """A body of soft tissue holding a large and a small box organ, with noise; labels 1 (large) and 2 (small)."""
+    labels = np.zeros(shape, np.uint8)
+    x, y, z = (int(rng.integers(2, 5)) for _ in range(3))
+    labels[x : x + 10, y : y + 8, z : z + 5] = 1
+    labels[x + 12 : x + 15, y + 2 : y + 5, z + 1 : z + 3] = 2
+    image = np.where(labels == 1, 60.0, np.where(labels == 2, 140.0, 0.0)) + rng.normal(0, 20, shape)
+    return image.astype(np.int16), labels
+
+
+def make_msd_task(root, num_cases=3, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "imagesTr"), os.makedirs(root / "labelsTr"), os.makedirs(root / "imagesTs")
+    training_list = []
+    for i in range(num_cases):
+        image, labels = _case(rng)
+        _write(root / "imagesTr" / f"case_{i}.nii.gz", image)
+        _write(root / "labelsTr" / f"case_{i}.nii.gz", labels)
+        training_list.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+    image, _ = _case(rng)
+    _write(root / "imagesTs" / "new_0.nii.gz", image)
+    meta = {"name": "Toy", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "big", "2": "small"},
+            "training": training_list, "test": ["./imagesTs/new_0.nii.gz"]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def tiny(config, cache_dir, steps=4):
+    config.data.cache_dir = str(cache_dir)
+    config.data.num_train = 16
+    config.model.features = (4, 8)
+    config.train.batch_size = 2
+    config.train.eval_batch_size = 2
+    config.train.num_steps = steps
+    config.train.log_every = 2
+    config.train.eval_every = steps
+    config.train.checkpoint_every = steps
+    config.optimizer.warmup_steps = 1
+    return config
+
+
+def msd_config(root, tmp_path, **data):
+    config = tiny(msd.get_config(), tmp_path / "cache")
+    config.data.root = str(root)
+    config.data.organs = ("big", "small")
+    config.data.label_ids = (1, 2)
+    config.data.shape = (16, 16, 8)
+    config.eval.window = (16, 16, 8)
+    config.model.num_classes = 3
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def msd_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("msd")
+    root = make_msd_task(tmp_path / "Task01_Toy")
+    config = msd_config(root, tmp_path, spacing=(3.0, 3.0, 2.0))
+    workdir = str(tmp_path / "run")
+    summary = training.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    return root, workdir, summary
+
+
+def test_msd_folder_trains_and_reports_per_organ(msd_run):
+    root, workdir, summary = msd_run
+    written = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(written["organs"]) == {"big", "small"}
+    assert written["num_val_cases"] == 1 and written["spacing_mm"] == [3.0, 3.0, 2.0]
+    for row in written["organs"].values():
+        assert {"dice", "precision", "recall", "fp_ml", "fn_ml", "hd95_mm", "msd_mm", "nsd", "share"} <= set(row)
+    # The validation case's true organ volumes, in resampled voxels, match the dataset's label file.
+    labels = np.asarray(nib.load(os.path.join(root, "labelsTr", "case_2.nii.gz")).dataobj)
+    true_ml = {k: (labels == k).sum() * 1.5 * 1.5 * 2.0 / 1000 for k in (1, 2)}
+    for k, name in ((1, "big"), (2, "small")):
+        resampled_ml = written["organs"][name]["true_voxels"] * written["voxel_volume_ml"]
+        assert resampled_ml == pytest.approx(true_ml[k], rel=0.35)
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "1 validation cases" in report or "2 training and 1 validation cases" in report
+    assert "HD95" in report and "small" in report
+
+
+def test_predict_writes_label_maps_on_the_scan_grid_with_its_affine(msd_run, tmp_path):
+    root, workdir, _ = msd_run
+    out = tmp_path / "pred"
+    assert predict.main(["--workdir", workdir, "--input", str(root / "imagesTs"), "--output", str(out)]) == 0
+    written = nib.load(str(out / "new_0.nii.gz"))
+    scan = nib.load(str(root / "imagesTs" / "new_0.nii.gz"))
+    assert written.shape == scan.shape  # back on the scan's 1.5 mm grid after predicting at 3 mm
+    np.testing.assert_allclose(written.affine, scan.affine)
+    values = np.unique(np.asarray(written.dataobj))
+    assert written.get_data_dtype() == np.uint8 and set(values) <= {0, 1, 2}
+    assert json.load(open(out / "classes.json"))["classes"] == ["background", "big", "small"]
+
+
+def test_predict_errors_name_the_problem(msd_run, tmp_path, capsys):
+    root, workdir, _ = msd_run
+    assert predict.main(["--workdir", str(tmp_path), "--input", str(root / "imagesTs"), "--output", str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert predict.main(["--workdir", workdir, "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.nii.gz"
+    _write(bad, np.full((8, 8, 4), np.nan, np.float32))
+    assert predict.main(["--workdir", workdir, "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert "NaN" in capsys.readouterr().err
+
+
+def _fails_before_training(config, workdir, match):
+    with pytest.raises(ValueError, match=match):
+        training.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+def test_dataset_problems_fail_before_training(tmp_path):
+    root = make_msd_task(tmp_path / "task")
+    _fails_before_training(msd_config(tmp_path / "missing", tmp_path), tmp_path / "r1", "is not a directory")
+    _fails_before_training(msd_config(root, tmp_path, label_ids=(1,)), tmp_path / "r2", "one dataset label id per organ")
+    _fails_before_training(msd_config(root, tmp_path, num_val=3), tmp_path / "r3", "num_val=3 must hold out")
+    _fails_before_training(msd_config(root, tmp_path, val_slab=(2, 4)), tmp_path / "r4", "splits a single case")
+    config = msd_config(root, tmp_path)
+    config.data.augment.gamma = 0.3
+    _fails_before_training(config, tmp_path / "r5", r"config.data.augment has unknown options \['gamma'\]")
+    # A broken scan: named, with what is wrong, before the first step.
+    _write(root / "imagesTr" / "case_1.nii.gz", np.full((24, 20, 10), np.inf, np.float32))
+    _fails_before_training(msd_config(root, tmp_path / "fresh"), tmp_path / "r6", r"case_1.nii.gz: .* NaN or infinite")
+    _write(root / "labelsTr" / "case_0.nii.gz", np.full((24, 20, 10), 7, np.uint8))
+    _fails_before_training(msd_config(root, tmp_path / "fresh2"), tmp_path / "r7", r"case_0.nii.gz")
+
+
+def _shared(name):
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isdir(path):
+        pytest.skip(f"the real samples are not present at {path} (see ../shared/data/SOURCES.md)")
+
+
+@pytest.mark.parametrize("module, folder, organs", [
+    (totalseg_ct, "totalsegmentator_ct",
+     ["liver", "spleen", "kidney_right", "kidney_left", "pancreas", "adrenal_gland_right", "adrenal_gland_left"]),
+    (sct_gm, "sct_t2s", ["white_matter", "grey_matter"]),
+])
+def test_real_sample_config_trains_end_to_end(module, folder, organs, tmp_path):
+    _shared(folder)
+    config = tiny(module.get_config(), tmp_path / "cache", steps=3)
+    workdir = str(tmp_path / "run")
+    training.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    written = json.load(open(os.path.join(workdir, "summary.json")))
+    assert list(written["organs"]) == organs
+    assert all(row["true_voxels"] > 0 for row in written["organs"].values()), "every organ is in the validation slab"
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "validation on slices" in report and "not a benchmark" in report
+    assert os.path.getsize(os.path.join(workdir, "predictions.png")) > 1000
