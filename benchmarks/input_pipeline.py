@@ -37,16 +37,22 @@ HOST_CORES, HOST_WORKERS = 16, 14
 CONFIGS = {
     "3d 64x64x16": dict(patch_shape=(64, 64, 16), batch_size=4),
     "2d 96x96 slices": dict(patch_shape=(96, 96), batch_size=16),
+    # The training benchmark's input (benchmarks/train_step.py: B=2, 128^3): the CT resampled to 0.7 mm
+    # (523 x 433 x 129 voxels), so that a 128^3 patch is real data, not padding.
+    "3d 128^3 (0.7 mm)": dict(patch_shape=(128, 128, 128), batch_size=2, spacing=(0.7, 0.7, 0.7)),
 }
+# The step rate the pipeline must feed: the 3D U-Net train step, B=2, 128^3, on an H100
+# (../shared/anchors/README.md: 38.7 ms in bf16, the fastest step measured there).
+TARGET = {"3d 128^3 (0.7 mm)": 2 / 0.0387}
 
 
-def load_ct():
+def load_ct(spacing=None):
     if not os.path.isdir(DATA):
         raise SystemExit(f"sample data not found at {os.path.normpath(DATA)} (see ../shared/data/SOURCES.md)")
     with open(os.path.join(DATA, "labels.json")) as f:
         names = {int(k): v for k, v in json.load(f)["label_names"].items()}
     case = nifti.Case("example_ct_sm", os.path.join(DATA, "example_ct_sm.nii.gz"), os.path.join(DATA, "example_seg.nii.gz"))
-    pre = nifti.Preprocessing(modality="CT", label_map=nifti.label_map_from_names(names, ORGANS))
+    pre = nifti.Preprocessing(modality="CT", spacing=spacing, label_map=nifti.label_map_from_names(names, ORGANS))
     return nifti.load_case(case, pre)
 
 
@@ -83,9 +89,14 @@ def main():
     flags.FLAGS.mark_as_parsed()  # grain's worker pool reads absl flags
 
     volume = load_ct()
-    source = pipeline.VolumeSource([volume], num_records=1024)
+    sources = {None: pipeline.VolumeSource([volume], num_records=1024)}
     rows = []
     for name, config in CONFIGS.items():
+        config = dict(config)
+        spacing = config.pop("spacing", None)
+        if spacing not in sources:
+            sources[spacing] = pipeline.VolumeSource([load_ct(spacing)], num_records=1024)
+        source = sources[spacing]
         runs = [(0, False)] + [(w, True) for w in args.workers]
         for workers, augment in runs:
             rate, cpu_rate = measure(source, worker_count=workers, augment=augment, seconds=args.seconds, warmup=args.warmup,
@@ -103,8 +114,9 @@ def main():
         cpu = "" if r["patches_per_cpu_s"] is None else f"{r['patches_per_cpu_s']:.1f}"
         print(f"{r['config']:<18} {r['batch']:>5} {str(r['augment']):>7} {r['workers']:>7} {r['patches_per_s']:>10.1f} {cpu:>13}")
     for name, rate in per_core.items():
-        print(f"{name}: {rate:.0f} patches/s per core -> about {rate * HOST_WORKERS:.0f} patches/s with "
-              f"{HOST_WORKERS} workers on a {HOST_CORES}-core host (linear scaling assumed)")
+        need = f"; the H100 step needs {TARGET[name]:.0f}/s" if name in TARGET else ""
+        print(f"{name}: {rate:.1f} patches/s per core -> about {rate * HOST_WORKERS:.0f} patches/s with "
+              f"{HOST_WORKERS} workers on a {HOST_CORES}-core host (linear scaling assumed){need}")
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -113,7 +125,8 @@ def main():
             "volume_shape": list(volume.image.shape[:3]), "rows": rows,
             "per_core_patches_per_s": per_core,
             "projection": {"host_cores": HOST_CORES, "workers": HOST_WORKERS,
-                           "patches_per_s": {k: round(v * HOST_WORKERS) for k, v in per_core.items()}},
+                           "patches_per_s": {k: round(v * HOST_WORKERS) for k, v in per_core.items()},
+                           "needed_patches_per_s": {k: round(v, 1) for k, v in TARGET.items()}},
         }, f, indent=2)
         f.write("\n")
     print(f"wrote {os.path.relpath(args.out, ROOT)}")
