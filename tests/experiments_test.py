@@ -1,0 +1,380 @@
+"""Studies: target grammar, overrides, tables from hand-made summaries, the runner (with a stand-in train.py),
+and a smoke run of compare and sweep on the tiny config with real trainings."""
+
+import csv
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from combo_jax import experiments
+from combo_jax.experiments import StudyError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "adrenal")
+SHARES = {"liver": 0.1, "spleen": 0.03, "kidney_right": 0.012, "kidney_left": 0.011, "pancreas": 0.004, "adrenal": 0.001}
+
+
+def _organ(**over):
+    row = {"dice": 0.9, "precision": 0.9, "recall": 0.9, "fp_voxels": 50, "fn_voxels": 50, "true_voxels": 1000,
+           "hd95_mm": 2.0, "msd_mm": 1.0, "nsd": 0.9}
+    row.update(over)
+    return row
+
+
+def _write_summary(run, organs: dict, *, mean_fg_dice: float, config: dict | None = None):
+    """A summary.json as training writes it, with the given per-organ rows (others default)."""
+    config = run.config if config is None else config
+    rows = {name: {**_organ(**organs.get(name, {})), "share": SHARES[name]} for name in ORGANS}
+    summary = {"loss": config["loss"], "config": config, "steps": 4, "elapsed_s": 1.5, "mean_fg_dice": mean_fg_dice,
+               "voxel_volume_ml": 0.001, "organs": rows}
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(run.summary_path, "w") as f:
+        json.dump(summary, f)
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _row(rows, **match):
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, found)
+    return found[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Target grammar and overrides
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("recall>=0.95:pancreas", ("recall", ">=", 0.95, "pancreas")),
+        ("  fp_ml <= 0.5 : all ", ("fp_ml", "<=", 0.5, "all")),
+        ("DICE>0.8:small", ("dice", ">", 0.8, "small")),
+        ("hd95_mm<1e1:adrenal", ("hd95_mm", "<", 10.0, "adrenal")),
+    ],
+)
+def test_target_grammar_parses(text, expected):
+    t = experiments.parse_target(text, organs=ORGANS)
+    assert (t.metric, t.op, t.threshold, t.scope) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("recall=>0.95:pancreas", "expected METRIC OP THRESHOLD:SCOPE"),
+        ("recall>=0.95", "expected METRIC OP THRESHOLD:SCOPE"),
+        ("recall 0.95:pancreas", "expected METRIC OP THRESHOLD:SCOPE"),
+        ("recal>=0.95:pancreas", "unknown metric 'recal'; expected one of dice, precision, recall"),
+        ("recall>=high:pancreas", "threshold 'high' is not a number"),
+        ("recall>=inf:pancreas", "threshold must be finite"),
+        ("recall>=0.95:pancrea", "unknown organ 'pancrea'; expected 'all', 'small' or one of liver"),
+    ],
+)
+def test_target_grammar_rejects_with_a_clear_message(text, message):
+    with pytest.raises(StudyError, match=r"--target") as err:
+        experiments.parse_target(text, organs=ORGANS)
+    assert message in str(err.value)
+
+
+def test_target_met_and_shortfall():
+    t = experiments.parse_target("recall>=0.9:pancreas")
+    assert t.met(0.9) and t.met(0.95) and not t.met(0.85) and not t.met(math.nan)
+    assert t.shortfall(0.95) == 0.0 and t.shortfall(0.85) == pytest.approx(0.05) and t.shortfall(math.nan) == math.inf
+    u = experiments.parse_target("hd95_mm<=5:all")
+    assert not u.met(math.inf) and u.shortfall(math.inf) == math.inf
+
+
+def test_override_values_parse_as_the_field_type():
+    config = experiments.load_config(TINY, loss="combo")
+    assert experiments.set_field(config, "train.num_steps", "40") == 40 and config.train.num_steps == 40
+    assert experiments.set_field(config, "loss.beta", "0.3") == 0.3 and isinstance(config.loss.beta, float)
+    assert experiments.set_field(config, "loss.batch_dice", "True") is True
+    assert experiments.set_field(config, "model.features", "(4, 8, 16)") == (4, 8, 16)
+    assert experiments.set_field(config, "model.features", "8,16") == (8, 16)
+    assert experiments.set_field(config, "model.norm", "group") == "group"
+    assert experiments.format_value(0.1) == "0.1" and experiments.format_value(True) == "true"
+    with pytest.raises(StudyError, match=r"train.num_steps='0.5': not a valid int"):
+        experiments.set_field(config, "train.num_steps", "0.5")
+    with pytest.raises(StudyError, match=r"loss.batch_dice='maybe'"):
+        experiments.set_field(config, "loss.batch_dice", "maybe")
+    with pytest.raises(StudyError, match=r"train.num_step: train has no field 'num_step' \(its fields: .*num_steps"):
+        experiments.set_field(config, "train.num_step", "4")
+    with pytest.raises(StudyError, match=r"train is a config section"):
+        experiments.set_field(config, "train", "4")
+
+
+def test_plan_errors_before_training(tmp_path):
+    out = str(tmp_path)
+    with pytest.raises(StudyError, match=r"--set seed=\.\.\.: seed is set by the study itself"):
+        experiments.plan_compare(config=TINY, losses=["combo"], seeds=[0], out=out, sets={"seed": "3"})
+    with pytest.raises(StudyError, match=r"--set loss.betta: no loss of combo, dice has that option"):
+        experiments.plan_compare(config=TINY, losses=["combo", "dice"], seeds=[0], out=out, sets={"loss.betta": "1"})
+    with pytest.raises(StudyError, match=r"unknown loss 'dicey'"):
+        experiments.plan_compare(config=TINY, losses=["dicey"], seeds=[0], out=out, sets={})
+    with pytest.raises(StudyError, match=r"--values: '0.50' repeats the value 0.5"):
+        experiments.plan_sweep(config=TINY, param="loss.beta", values=["0.5", "0.50"], seeds=[0], out=out, sets={})
+    with pytest.raises(StudyError, match=r"loss.gamma: loss has no field 'gamma'"):
+        experiments.plan_sweep(config=TINY, param="loss.gamma", values=["1"], seeds=[0], out=out, sets={})
+    # A loss option that only some compared losses take goes to those that take it.
+    runs = experiments.plan_compare(config=TINY, losses=["combo", "dice"], seeds=[0], out=out, sets={"loss.beta": "0.3"})
+    assert [r.config["loss"].get("beta") for r in runs] == [0.3, None]
+    assert "--config.loss.beta=0.3" in runs[0].command() and not any("beta" in a for a in runs[1].command())
+
+
+def test_workdir_of_another_configuration_is_refused(tmp_path):
+    runs = experiments.plan_compare(config=TINY, losses=["combo"], seeds=[0], out=str(tmp_path), sets={})
+    other = json.loads(json.dumps(runs[0].config))
+    other["loss"]["beta"] = 0.7
+    _write_summary(runs[0], {}, mean_fg_dice=0.5, config=other)
+    with pytest.raises(StudyError, match=r"combo_seed0 \(summary.json\) holds a different run:\s+loss.beta: recorded 0.7, this command 0.5"):
+        experiments.check_workdirs(runs)
+    with pytest.raises(StudyError, match=r"records another configuration than its run: loss.beta"):
+        experiments.read_run(runs[0])
+
+
+def test_slots_pin_gpus_and_split_cpu_cores():
+    slots = experiments.make_slots(devices="0,1", parallel=None)
+    assert [s.env for s in slots] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    slots = experiments.make_slots(devices="3,5", parallel=3)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["3", "5", "3"]
+    assert all(s.env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for s in slots)
+    assert [s.env for s in experiments.make_slots(devices="cpu", parallel=None)] == [{"JAX_PLATFORMS": "cpu"}]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        slots = experiments.make_slots(devices="cpu", parallel=2)
+        assert set(slots[0].cores) | set(slots[1].cores) == set(cores) and not set(slots[0].cores) & set(slots[1].cores)
+    with pytest.raises(StudyError, match=r"--parallel .* is more than the .* CPU cores"):
+        experiments.make_slots(devices="cpu", parallel=len(cores) + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables from hand-made summaries (expected values computed by hand)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compare_tables_from_hand_made_summaries(tmp_path):
+    out = str(tmp_path)
+    runs = experiments.plan_compare(config=TINY, losses=["combo", "dice"], seeds=[0, 1], out=out, sets={})
+    by_name = {r.name: r for r in runs}
+    _write_summary(by_name["combo_seed0"], {
+        "pancreas": _organ(dice=0.6, fp_voxels=1000), "adrenal": _organ(dice=0.4, fp_voxels=500, hd95_mm=None),
+        "spleen": _organ(hd95_mm=float("inf"))}, mean_fg_dice=0.7)
+    _write_summary(by_name["combo_seed1"], {
+        "pancreas": _organ(dice=0.8, fp_voxels=3000), "adrenal": _organ(dice=0.2, fp_voxels=500, hd95_mm=5.0)},
+        mean_fg_dice=0.8)
+    for seed in (0, 1):
+        _write_summary(by_name[f"dice_seed{seed}"], {"pancreas": _organ(dice=0.5)}, mean_fg_dice=0.6)
+    experiments.write_compare(runs, out, argv=["compare"])
+
+    rows = _csv(tmp_path / "compare.csv")
+    combo_options = json.dumps({k: v for k, v in runs[0].config["loss"].items() if k != "name"})
+    pancreas = _row(rows, loss="combo", organ="pancreas")
+    assert pancreas["options"] == combo_options and pancreas["runs"] == "combo_seed0;combo_seed1"
+    assert float(pancreas["dice_mean"]) == pytest.approx(0.7)
+    assert float(pancreas["dice_std"]) == pytest.approx(math.sqrt(0.02))  # sample std of 0.6, 0.8
+    assert float(pancreas["fp_ml_mean"]) == pytest.approx(2.0)  # 1000 and 3000 voxels of 1 mm^3
+    assert float(pancreas["share"]) == pytest.approx(0.004)
+    small = _row(rows, loss="combo", organ="small")  # pancreas and adrenal are under 0.5%
+    assert float(small["share"]) == pytest.approx(0.005)
+    assert float(small["dice_mean"]) == pytest.approx(0.5) and float(small["dice_std"]) == pytest.approx(0.0)
+    assert float(small["fp_ml_mean"]) == pytest.approx((1.5 + 3.5) / 2)
+    assert _row(rows, loss="combo", organ="spleen")["hd95_mm_mean"] == "inf"
+    assert float(_row(rows, loss="combo", organ="adrenal")["hd95_mm_mean"]) == pytest.approx(5.0)  # None is n/a
+    assert float(_row(rows, loss="dice", organ="pancreas")["dice_mean"]) == pytest.approx(0.5)
+    assert {r["organ"] for r in rows} == {*ORGANS, "small", "all"}
+
+    per_run = _csv(tmp_path / "compare_runs.csv")
+    assert len(per_run) == 4 * len(ORGANS)
+    assert float(_row(per_run, run="combo_seed1", organ="pancreas")["fp_ml"]) == pytest.approx(3.0)
+
+    md = (tmp_path / "compare.md").read_text()
+    assert "## Small organs (under 0.5% of the voxels: pancreas 0.400%, adrenal 0.100%)" in md
+    assert "| combo | 0.700 ± 0.141 | 0.900 | 0.900 | 2.00 | 0.050 | 2.0 |" in md  # pancreas row
+    assert "| combo | 0.900 ± 0.000 | 0.900 | 0.900 | 0.050 | 0.050 | inf |" in md  # spleen: one seed inf
+    assert "| dice | activation=softmax" in md
+
+
+def test_sweep_tables_targets_and_plot_from_hand_made_summaries(tmp_path):
+    out = str(tmp_path)
+    runs, base, default, values = experiments.plan_sweep(config=TINY, param="loss.beta", values=["0.7", "0.3", "0.5"],
+                                                          seeds=[0, 1], out=out, sets={})
+    assert default == 0.5 and values == [0.7, 0.3, 0.5]
+    names = {(r.value, r.seed): r for r in runs}
+    assert names[(0.5, 0)].name == "combo_seed0" and names[(0.3, 1)].name == "combo_loss.beta=0.3_seed1"
+    fp = {0.3: (100, 300), 0.5: (400, 600), 0.7: (900, 1100)}
+    fn = {0.3: (900, 700), 0.5: (400, 400), 0.7: (100, 100)}
+    recall = {0.3: (0.80, 0.84), 0.5: (0.90, 0.92), 0.7: (0.97, 0.95)}
+    dice = {0.3: 0.80, 0.5: 0.85, 0.7: 0.83}
+    for (value, seed), run in names.items():
+        _write_summary(run, {"pancreas": _organ(fp_voxels=fp[value][seed], fn_voxels=fn[value][seed],
+                                                recall=recall[value][seed])}, mean_fg_dice=dice[value])
+    targets = [experiments.parse_target(t, organs=ORGANS) for t in
+               ("recall>=0.9:pancreas", "recall>=0.95:pancreas", "fp_ml<=0.1:all")]
+    result = experiments.write_sweep(runs, out, param="loss.beta", values=values, default=default, targets=targets)
+
+    assert result["values"] == [0.3, 0.5, 0.7]
+    chosen = [(c["best"]["value"], c["met"]) for c in result["choices"]]
+    # 0.5 and 0.7 reach recall 0.91 and 0.96: the better Dice (0.85) wins; only 0.7 reaches 0.95; no value has
+    # every organ's FP under 0.1 ml, and 0.3 (pancreas 0.2 ml) is the closest.
+    assert chosen == [(0.5, True), (0.7, True), (0.3, False)]
+    assert result["choices"][2]["best"]["shortfall"] == pytest.approx(0.1)
+
+    rows = _csv(tmp_path / "sweep_loss.beta.csv")
+    for value in (0.3, 0.5, 0.7):
+        row = _row(rows, organ="pancreas", value=json.dumps(value))
+        assert row["loss"] == "combo" and json.loads(row["options"])["beta"] == value
+        assert float(row["fp_ml_mean"]) == pytest.approx(sum(fp[value]) / 2000)
+        assert float(row["fn_ml_mean"]) == pytest.approx(sum(fn[value]) / 2000)
+        assert float(row["recall_mean"]) == pytest.approx(sum(recall[value]) / 2)
+    assert _row(rows, organ="pancreas", value="0.5")["runs"] == "combo_seed0;combo_seed1"
+    md = (tmp_path / "sweep_loss.beta.md").read_text()
+    assert "| pancreas | 0.400% | increasing (ρ = +1.00) | decreasing (ρ = -1.00) | constant | increasing (ρ = +1.00) |" in md
+    assert "**Choice: loss.beta = 0.7** (meets the target" in md
+    assert "| pancreas* | 0.900 → 0.900 (0.000) | 0.900 → 0.900 (0.000) | 0.910 → 0.960 (+0.050) | 0.500 → 1.00 (+0.500) |" in md
+    assert "**Choice: loss.beta = 0.3** (no value meets the target; this one comes closest" in md
+    assert os.path.getsize(tmp_path / "sweep_loss.beta.png") > 10_000
+
+    # A run whose summary records another beta than its name says is refused, not tabulated.
+    wrong = json.loads(json.dumps(names[(0.3, 0)].config))
+    wrong["loss"]["beta"] = 0.9
+    _write_summary(names[(0.3, 0)], {}, mean_fg_dice=0.5, config=wrong)
+    with pytest.raises(StudyError, match=r"combo_loss.beta=0.3_seed0/summary.json records another configuration"):
+        experiments.write_sweep(runs, out, param="loss.beta", values=values, default=default)
+
+
+# --------------------------------------------------------------------------------------------------
+# The runner, with a stand-in for train.py (no jax: milliseconds per run)
+# --------------------------------------------------------------------------------------------------
+
+FAKE_TRAIN = r'''
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+workdir = args["workdir"]
+with open(os.path.join(workdir, "launches.jsonl"), "a") as f:
+    f.write(json.dumps({"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "cores": sorted(os.sched_getaffinity(0))}) + "\n")
+stop_once = os.path.join(workdir, "stop_once")
+if os.path.basename(workdir) == os.environ.get("FAKE_STOP") and not os.path.exists(stop_once):
+    open(stop_once, "w").close()
+    sys.exit(0)  # like a training stopped by a signal: exit 0, no summary.json
+config = json.load(open(os.path.join(workdir, "experiment.json")))["config"]
+assert config["seed"] == int(args["config.seed"])
+organs = {o: {"dice": 0.5, "precision": 0.5, "recall": 0.5, "fp_voxels": 1, "fn_voxels": 1, "true_voxels": 9}
+          for o in ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "adrenal")}
+json.dump({"loss": config["loss"], "config": config, "steps": 1, "elapsed_s": 0.1, "mean_fg_dice": 0.5,
+           "voxel_volume_ml": 0.001, "organs": organs}, open(os.path.join(workdir, "summary.json"), "w"))
+'''
+
+
+def test_runner_skips_finished_reruns_unfinished_and_pins_slots(tmp_path, monkeypatch):
+    fake = tmp_path / "train.py"
+    fake.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(experiments, "_TRAIN_PY", str(fake))
+    monkeypatch.setenv("FAKE_STOP", "dice_seed1")
+    out = str(tmp_path / "study")
+    runs = experiments.plan_compare(config=TINY, losses=["combo", "dice"], seeds=[0, 1], out=out, sets={})
+    _write_summary(runs[0], {}, mean_fg_dice=0.9)  # combo_seed0 is finished before the study starts
+    slots = experiments.make_slots(devices="4,7", parallel=2)
+    lines = []
+
+    with pytest.raises(StudyError, match=r"1 run\(s\) failed .*dice_seed1 \(exited without summary.json"):
+        experiments.run_study(runs, slots=slots, out=out, argv=["compare"], log=lines.append)
+    text = "\n".join(lines)
+    assert "skip combo_seed0: finished" in text and "study: 4 runs, 1 already finished, 3 to train on 2 slot(s)" in text
+    assert "[3/4 done, " in text
+
+    def launches(name):
+        path = os.path.join(out, "runs", name, "launches.jsonl")
+        return [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+
+    assert launches("combo_seed0") == []
+    seen = [launches(n)[0]["cuda"] for n in ("combo_seed1", "dice_seed0", "dice_seed1")]
+    assert set(seen) <= {"4", "7"} and len(set(seen)) == 2  # two slots, one GPU each
+    lines.clear()
+    experiments.run_study(runs, slots=slots, out=out, argv=["compare"], log=lines.append)  # resumes the unfinished run
+    assert [len(launches(n)) for n in ("combo_seed0", "combo_seed1", "dice_seed0", "dice_seed1")] == [0, 1, 1, 2]
+    assert "study: 4 runs, 3 already finished, 1 to train" in "\n".join(lines)
+    study = json.load(open(os.path.join(out, "study.json")))
+    statuses = [{r["name"]: r["status"] for r in inv["runs"]} for inv in study["invocations"]]
+    assert statuses[0]["dice_seed1"].startswith("failed") and statuses[0]["combo_seed0"] == "skipped (finished)"
+    assert statuses[1] == {"combo_seed0": "skipped (finished)", "combo_seed1": "skipped (finished)",
+                           "dice_seed0": "skipped (finished)", "dice_seed1": "trained"}
+    assert all(inv["wall_s"] >= 0 and inv["command"].startswith("python -m combo_jax.experiments") for inv in study["invocations"])
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:  # CPU slots: each run pinned to its own share of the cores
+        out2 = str(tmp_path / "cpu")
+        runs2 = experiments.plan_compare(config=TINY, losses=["combo", "dice"], seeds=[0], out=out2, sets={})
+        experiments.run_study(runs2, slots=experiments.make_slots(devices="cpu", parallel=2), out=out2, argv=[],
+                              log=lambda _: None)
+        pinned = [json.loads(open(os.path.join(r.workdir, "launches.jsonl")).readline())["cores"] for r in runs2]
+        assert all(0 < len(p) < len(cores) for p in pinned)
+
+
+# --------------------------------------------------------------------------------------------------
+# Smoke run: real trainings of the tiny config through train.py
+# --------------------------------------------------------------------------------------------------
+
+TINY_SETS = ["--set", "train.num_steps=2", "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2",
+             "--set", "data.num_train=8", "--set", "eval.num_predictions=0"]
+
+
+def test_smoke_compare_and_sweep_on_the_tiny_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # each training on one CPU device, not the 8 fake ones
+    out = str(tmp_path / "study")
+    # One run at a time: the second finds the first one's compilations in the study's cache (the slots of
+    # --parallel are tested above with a stand-in train.py).
+    compare = ["compare", "--config", TINY, "--losses", "combo,wce", "--seeds", "1", "--out", out, "--devices", "cpu",
+               *TINY_SETS]
+    assert experiments.main(compare) == 0
+    assert experiments.main(["sweep", "--config", TINY, "--param", "loss.beta", "--values", "0.3,0.5", "--seeds", "1",
+                             "--out", out, "--target", "recall>=0.5:pancreas", *TINY_SETS]) == 0
+    log = capsys.readouterr().out
+    assert "skip combo_seed0: finished" in log  # the beta = 0.5 point is the compare run
+    for name in ("compare.md", "compare.csv", "compare_runs.csv", "sweep_loss.beta.md", "sweep_loss.beta.csv"):
+        assert os.path.getsize(os.path.join(out, name)) > 200, name
+    assert os.path.getsize(os.path.join(out, "sweep_loss.beta.png")) > 10_000
+
+    def summary(run_name):
+        with open(os.path.join(out, "runs", run_name, "summary.json")) as f:
+            return json.load(f)
+
+    # Every row's loss name and options are those its own runs recorded.
+    for row in _csv(os.path.join(out, "compare.csv")):
+        for run_name in row["runs"].split(";"):
+            loss = dict(summary(run_name)["loss"])
+            assert row["loss"] == loss.pop("name") == run_name.split("_seed")[0]
+            assert json.loads(row["options"]) == loss
+    per_run = _csv(os.path.join(out, "compare_runs.csv"))
+    assert {r["run"] for r in per_run} == {"combo_seed0", "wce_seed0"}
+    for row in per_run:
+        s = summary(row["run"])
+        assert row["loss"] == s["loss"]["name"]
+        assert int(row["fp_voxels"]) == s["organs"][row["organ"]]["fp_voxels"]
+    sweep_rows = _csv(os.path.join(out, "sweep_loss.beta.csv"))
+    assert {r["value"] for r in sweep_rows} == {"0.3", "0.5"}
+    for row in sweep_rows:
+        for run_name in row["runs"].split(";"):
+            s = summary(run_name)
+            assert json.loads(row["value"]) == s["config"]["loss"]["beta"] == s["loss"]["beta"]
+            assert json.loads(row["options"])["beta"] == s["loss"]["beta"]
+    assert "## Target `recall>=0.5:pancreas`" in open(os.path.join(out, "sweep_loss.beta.md")).read()
+
+    # A second invocation trains nothing.
+    mtimes = {n: os.path.getmtime(os.path.join(out, "runs", n, "summary.json")) for n in ("combo_seed0", "wce_seed0")}
+    assert experiments.main(compare) == 0
+    log = capsys.readouterr().out
+    assert "study: 2 runs, 2 already finished, 0 to train" in log
+    assert mtimes == {n: os.path.getmtime(os.path.join(out, "runs", n, "summary.json")) for n in mtimes}
+    study = json.load(open(os.path.join(out, "study.json")))
+    assert len(study["invocations"]) == 3
+    assert study["invocations"][0]["devices"]["platform"] == "cpu"
+    assert {r["status"] for r in study["invocations"][0]["runs"]} == {"trained"}
+    assert {r["status"] for r in study["invocations"][2]["runs"]} == {"skipped (finished)"}
