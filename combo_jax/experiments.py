@@ -3,6 +3,7 @@
     python -m combo_jax.experiments compare --config configs/default.py --seeds 3 --out runs/study
     python -m combo_jax.experiments sweep --config configs/default.py --param loss.beta \\
         --values 0.1,0.3,0.5,0.7,0.9 --seeds 3 --out runs/study --target "recall>=0.95:pancreas"
+    python -m combo_jax.experiments losses      # each loss's default options
 
 **Runs.** Every run is an independent ``python train.py --config ... --workdir DIR/runs/NAME --config.seed=S
 [--config.KEY=VALUE ...]`` subprocess, so a study is exactly the trainings a user could start by hand.
@@ -21,15 +22,16 @@ spread of training, not of the data.
 and resumes from its checkpoints. Before anything trains, each workdir's recorded configuration
 (``experiment.json``, written at launch, and ``summary.json``) is compared with the one this command would
 train; a mismatch (say, a different ``--set``) is an error naming the run and the fields, never a silent mix.
-After a study, rerunning the same command trains nothing and rewrites the tables, so ``--target`` can be
-changed freely on a finished sweep.
+Ctrl-C or SIGTERM to the study asks every running training to save a checkpoint and stop;
+rerunning the command resumes them. After a study, rerunning the same command trains nothing and rewrites the
+tables, so ``--target`` can be changed freely on a finished sweep. ``--dry-run`` lists the runs and commands.
 
 **Devices.** ``--parallel P`` runs up to P trainings at once. On GPUs (``--devices auto`` finds them with
 ``nvidia-smi`` or ``CUDA_VISIBLE_DEVICES``, or give ids: ``--devices 0,1,2,3``) run i gets
 ``CUDA_VISIBLE_DEVICES`` of one GPU, round-robin; P defaults to the number of GPUs, and with more runs than GPUs
 each shares its GPU (memory preallocation is then turned off). On a CPU P defaults to 1, which gives the one
 run every core; with P > 1 the cores are split into P disjoint sets and each run is pinned to one set
-(``sched_setaffinity``; XLA sizes its CPU thread pool from that set), so P runs never compete for a core. A
+(``sched_setaffinity``; XLA's CPU thread pools follow that set), so P runs never compete for a core. A
 run pinned to fewer cores is slower; whether P runs of c/P cores beat one run of c cores depends on the model
 size (small models, whose steps are dominated by per-step overhead, gain). On a TPU host leave P at 1.
 
@@ -47,7 +49,9 @@ or ``fp_ml<=0.5:all``. METRIC is one of ``TARGET_METRICS`` (``fp_ml``/``fn_ml`` 
 small-organ share). A swept value meets the target when the mean over seeds of the metric meets it for every
 organ in scope. Of the values that meet it the one with the best mean foreground Dice is chosen; if none does,
 the one with the smallest worst shortfall (in the metric's units). The report then lists what the choice costs
-against the config's own value (the ``default`` row): Dice, precision, recall and volumes of every organ.
+against the config's own value of the swept key (beta = 0.5 for the Combo loss): the change in Dice, precision,
+recall and false-positive and false-negative volume of every organ. A sweep varies one key; to choose beta and
+alpha, run the target on each sweep.
 """
 
 from __future__ import annotations
@@ -365,8 +369,8 @@ def plan_compare(*, config: str, losses: Sequence[str], seeds: Sequence[int], ou
 def plan_sweep(*, config: str, param: str, values: Sequence[str], seeds: Sequence[int], out: str, sets: dict):
     """One run per (value, seed). Returns (runs, base config, default value of ``param``, parsed values)."""
     _check_sets(sets, forbidden=("seed", param))
-    if param == "seed":
-        raise StudyError("--param seed: seeds are given with --seeds")
+    if param in ("seed", "loss.name"):
+        raise StudyError(f"--param {param}: " + ("seeds are given with --seeds" if param == "seed" else "losses are compared with the compare command"))
     path, _, suffix = config.partition(":")
     base, applied = _base_config(path, suffix or None, sets)
     unused = set(sets) - set(applied)
@@ -579,26 +583,32 @@ def run_study(runs: Sequence[Run], *, slots: Sequence[Slot], out: str, argv: Seq
         raise _Stop()
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    running = {}  # slot index -> (run, Popen, start time, log file)
+    running = {}  # slot index -> (run, Popen, start time, log file, step at launch)
     free = [s for s in slots]
     durations = []
     failures = []
     last_beat = time.time()
 
     def eta() -> str:
-        per_run = None
-        if durations:
-            per_run = float(np.mean(durations))
-        else:
-            guesses = []
-            for run, _, start, _ in running.values():
-                step = _last_step(run.workdir)
-                if step > 0:
-                    guesses.append((time.time() - start) * run.config["train"]["num_steps"] / step)
-            per_run = float(np.mean(guesses)) if guesses else None
+        """Remaining wall time: finished runs' mean duration for the runs still to start; for a running run, its
+        own step rate since launch (a resumed run counts only the steps it trained here)."""
+        if not todo and not running:
+            return "ETA 0s"
+        now = time.time()
+        per_run = float(np.mean(durations)) if durations else None
+        left_running, guesses = [], []
+        for run, _, start, _, step0 in running.values():
+            step, total_steps = _last_step(run.workdir), run.config["train"]["num_steps"]
+            if step > step0:
+                seconds_per_step = (now - start) / (step - step0)
+                left_running.append(seconds_per_step * (total_steps - step))
+                guesses.append(seconds_per_step * total_steps)
+            else:
+                left_running.append(None)
+        per_run = per_run if per_run is not None else (float(np.mean(guesses)) if guesses else None)
         if per_run is None:
             return "ETA unknown"
-        left = len(todo) * per_run + sum(max(per_run - (time.time() - start), 0.0) for _, _, start, _ in running.values())
+        left = len(todo) * per_run + sum(per_run if x is None else x for x in left_running)
         return f"ETA {_duration(left / len(slots))}"
 
     def status_line() -> str:
@@ -621,10 +631,10 @@ def run_study(runs: Sequence[Run], *, slots: Sequence[Slot], out: str, argv: Seq
                     run.command(), stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **cache_env, **slot.env},
                     preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
                 )
-                running[slot.index] = (run, proc, time.time(), logf)
+                running[slot.index] = (run, proc, time.time(), logf, _last_step(run.workdir) if resumed else 0)
                 entries[run.name].update(status="running", slot=slot.describe(), resumed=resumed)
                 log(f"start {run.name}{' (resuming)' if resumed else ''} on {slot.describe()}; log {logf.name}")
-            for index, (run, proc, start, logf) in list(running.items()):
+            for index, (run, proc, start, logf, _) in list(running.items()):
                 code = proc.poll()
                 if code is None:
                     continue
@@ -656,10 +666,10 @@ def run_study(runs: Sequence[Run], *, slots: Sequence[Slot], out: str, argv: Seq
     except (KeyboardInterrupt, _Stop):
         interrupted = True
         log("interrupted: asking the running trainings to save a checkpoint and stop")
-        for run, proc, _, logf in running.values():
+        for run, proc, _, logf, _ in running.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for run, proc, _, logf in running.values():
+        for run, proc, _, logf, _ in running.values():
             try:
                 proc.wait(timeout=300)
             except subprocess.TimeoutExpired:
@@ -741,7 +751,9 @@ def read_run(run: Run) -> dict:
     diff = config_differences(run.config, recorded)
     if diff:
         raise StudyError(f"{run.summary_path} records another configuration than its run: " + "; ".join(diff))
-    loss = dict(summary["loss"])
+    if not isinstance(summary.get("loss") or recorded.get("loss"), dict):
+        raise StudyError(f"{run.summary_path} records no loss")
+    loss = dict(summary.get("loss") or recorded["loss"])
     name = loss.pop("name")
     voxel_ml = _number(summary.get("voxel_volume_ml", 0.001))
     data = recorded.get("data", {})
@@ -768,11 +780,10 @@ def read_run(run: Run) -> dict:
         }
     value = None
     if run.param is not None:
-        node = recorded
-        for part in run.param.split("."):
-            node = node[part]
-        value = node
-    return {"run": run.name, "workdir": run.workdir, "seed": run.seed, "loss": name, "options": loss, "value": value,
+        value = _flatten(recorded).get(run.param, math.nan)
+        if isinstance(value, float) and math.isnan(value):
+            raise StudyError(f"{run.summary_path} records no {run.param}")
+    return {"run": run.name, "workdir": run.workdir, "seed": recorded.get("seed", run.seed), "loss": name, "options": loss, "value": value,
             "mean_fg_dice": _number(summary.get("mean_fg_dice")), "steps": summary.get("steps"),
             "elapsed_s": _number(summary.get("elapsed_s")), "organs": organs}
 
@@ -1216,6 +1227,15 @@ def plot_sweep(path: str, *, param: str, values: Sequence[Any], tables: dict, or
 # --------------------------------------------------------------------------------------------------
 
 
+def loss_defaults_table() -> str:
+    """Markdown table of every loss's default options, from ``combo_jax.training.loss_options``."""
+    from combo_jax.training import loss_options
+
+    lines = ["| loss | default options |", "|---|---|"]
+    lines += [f"| {name} | {_options_text(loss_options(name))} |" for name in ALL_LOSSES]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m combo_jax.experiments", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1235,6 +1255,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--progress-every", type=float, default=60.0, help="seconds between progress lines")
         p.add_argument("--dry-run", action="store_true", help="print the runs and their commands; train nothing")
 
+    sub.add_parser("losses", help="print each loss's default options (a markdown table) and exit")
     p = sub.add_parser("compare", help="train each loss with N seeds; per-organ tables")
     common(p)
     p.add_argument("--losses", default=None, help=f"comma-separated (default: all: {','.join(ALL_LOSSES)})")
@@ -1250,6 +1271,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "losses":
+        print(loss_defaults_table())
+        return 0
     if args.seeds < 1:
         raise StudyError(f"--seeds must be at least 1, got {args.seeds}")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
