@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test parity bench clean
+.PHONY: demo test parity bench study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: $(TEST_STAMP)
 	$(PY) benchmarks/losses.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/input_pipeline.py
+
+# The loss study of docs/results.md on the phantom (about an hour on 2 CPU cores; resumes if interrupted).
+study: $(STAMP)
+	$(PY) -m combo_jax.experiments compare --config configs/study.py --seeds 2 --out results/phantom --parallel 2
+	$(PY) -m combo_jax.experiments sweep --config configs/study.py --param loss.beta --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
+	$(PY) -m combo_jax.experiments sweep --config configs/study.py --param loss.alpha --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
 
 clean:
 	rm -rf $(VENV)

@@ -4,6 +4,11 @@ an hour on a 2-core CPU.
     python -m combo_jax.experiments compare --config configs/study.py --seeds 2 --out results/phantom
     python -m combo_jax.experiments sweep --config configs/study.py --param loss.beta \
         --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom
+    python -m combo_jax.experiments sweep --config configs/study.py --param loss.alpha \
+        --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom
+
+(or `make study`). 30 runs: the beta = 0.5 and alpha = 0.5 points are the compare's combo runs, shared when the
+three commands use the same --out.
 
 96 x 96 slices (the phantom scales with the image: the same six organs, 9.6% down to 0.09% of voxels, the
 adrenal about 9 voxels per slice), U-Net (8, 16, 32, 64), 600 steps of batch 8, one evaluation at the end on
