@@ -31,12 +31,12 @@ def get_config(loss: str = "combo"):
     d.slice_axis = 2
     d.num_train = 512
     config.model.num_classes = 8
-    config.model.features = (16, 32, 64, 128)
+    config.model.features = (8, 16, 32, 64)
     config.train.batch_size = 8
     config.train.eval_batch_size = 8
-    config.train.num_steps = 1500
-    config.train.eval_every = 500
-    config.train.checkpoint_every = 500
+    config.train.num_steps = 600
+    config.train.eval_every = 300
+    config.train.checkpoint_every = 300
     config.eval.window = (96, 96)
     config.eval.nsd_tolerance_mm = 3.0  # one voxel
     return config
