@@ -30,11 +30,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     # Join the job first: nothing may touch a JAX device before this.
-    distributed.initialize(
-        f.coordinator_address, f.num_processes, f.process_id,
-        local_device_ids=None if f.local_device_ids is None else [int(i) for i in f.local_device_ids],
-        heartbeat_timeout=f.heartbeat_timeout,
-    )
+    try:
+        distributed.initialize(
+            f.coordinator_address, f.num_processes, f.process_id,
+            local_device_ids=None if f.local_device_ids is None else [int(i) for i in f.local_device_ids],
+            heartbeat_timeout=f.heartbeat_timeout,
+        )
+    except ValueError as err:  # flags or launcher variables that cannot describe a job
+        raise app.UsageError(str(err)) from err
     main_process = jax.process_index() == 0
     logging.set_verbosity(logging.WARNING if main_process else logging.ERROR)  # orbax logs every file at INFO
     summary = training.train_and_evaluate(f.config, f.workdir)
