@@ -8,6 +8,7 @@ The first tests are quick unit tests of launcher detection and of the per-proces
 """
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -53,7 +54,7 @@ def test_plain_process_and_single_task_launchers_are_single_process():
     assert distributed.detect_cluster(one_task, on_cloud_tpu_vm=False) == distributed.Cluster("slurm", None, 1, 0)
     assert _resolve(one_task) is None
     assert _resolve({}, None, 1, 0) is None
-    # sbatch without srun has no SLURM_STEP_NODELIST: not a job step, nothing to join.
+    # Without SLURM_STEP_NODELIST (jax's SLURM detection needs it) there is no job step to join.
     assert _resolve({k: v for k, v in one_task.items() if k != "SLURM_STEP_NODELIST"} | {"SLURM_NTASKS": "16"}) is None
     assert distributed.initialize(environ={}) is False
 
@@ -89,10 +90,10 @@ def test_impossible_jobs_are_named():
         _resolve({}, "10.0.0.1:1234", 0, 0)
     with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='four' is not an integer"):
         _resolve({"JAX_NUM_PROCESSES": "four"})
-    with pytest.raises(ValueError, match=r"JOB_COMPLETION_INDEX=2\) without"):
-        if distributed.importlib.util.find_spec("kubernetes") is not None:
-            pytest.skip("with the kubernetes package jax reads the job from the Kubernetes API")
-        _resolve({"JOB_COMPLETION_INDEX": "2"})
+    if importlib.util.find_spec("kubernetes") is None:  # with it, jax reads the job from the Kubernetes API
+        with pytest.raises(ValueError, match=r"JOB_COMPLETION_INDEX=2\) without coordinator_address, num_processes"):
+            _resolve({"JOB_COMPLETION_INDEX": "2"})
+        assert _resolve({"JOB_COMPLETION_INDEX": "0"}) is None  # an Indexed Job of one pod
 
 
 def test_initialize_after_the_backend_started_says_so():
