@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from combo_jax import losses, metrics
+from combo_jax import distributed, losses, metrics
 from combo_jax.data import phantom
 from combo_jax.models.unet import UNet
 
@@ -174,19 +174,18 @@ def make_loader(source, *, batch_size: int, shuffle: bool, seed: int, num_epochs
                 operations=()):
     """A grain DataLoader yielding this process's share (batch_size // process_count) of each global batch.
 
+    Every process walks the same global order of the records and loads its own rows of each global batch
+    (``distributed.ProcessShareSampler``), so a step's global batch is the same for any number of processes.
     ``operations`` (grain transforms, e.g. patch sampling and augmentation) run on each record before batching.
     """
-    shard = grain.sharding.ShardOptions(
-        shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True
-    )
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
-    )
-    per_process = batch_size // jax.process_count()
+    order = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    sampler = distributed.ProcessShareSampler(order, batch_size=batch_size, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[*operations, grain.transforms.Batch(batch_size=per_process, drop_remainder=True)],
+        shard_options=grain.sharding.NoSharding(),  # the sampler already picks this process's rows
+        operations=[*operations, grain.transforms.Batch(batch_size=batch_size // jax.process_count(), drop_remainder=True)],
         worker_count=worker_count,
     )
 
@@ -489,13 +488,8 @@ def _progress(total: int, initial: int):
 
 
 def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() when a multi-process cluster environment is present (SLURM, TPU pods, ...)."""
-    cluster_vars = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-    multi = os.environ.get("SLURM_NTASKS", "1") != "1" or any(
-        v in os.environ for v in cluster_vars if v != "SLURM_NTASKS"
-    )
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """Joins the multi-process job a launcher describes (``combo_jax.distributed``); a no-op when already joined."""
+    distributed.initialize()
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -573,6 +567,12 @@ def evaluate(config, data: Data, params, steps: dict, sharding, *, keep_predicti
     return summary, examples
 
 
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+    # With several processes orbax synchronizes each save at barriers named after the step; the latest and best
+    # managers both save the last step, so each needs its own names.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
     """Trains, evaluates and checkpoints; resumes from workdir/checkpoints if a run is there.
 
@@ -621,11 +621,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     # never taken for a good one.
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     latest = ocp.CheckpointManager(
-        os.path.join(ckpt_dir, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints)
+        os.path.join(ckpt_dir, "latest"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
+                                             multiprocessing_options=_barrier_prefix("latest")),
     )
     best = ocp.CheckpointManager(
         os.path.join(ckpt_dir, "best"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["mean_fg_dice"], best_mode="max"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["mean_fg_dice"], best_mode="max",
+                                             multiprocessing_options=_barrier_prefix("best")),
     )
     if latest.latest_step() is not None:
         restored = latest.restore(
@@ -653,6 +656,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     def on_signal(signum, frame):
         stop["signal"] = signum
 
+    def stop_requested(step: int) -> bool:
+        # Several processes must leave the loop at the same step: one that stops alone leaves the others
+        # waiting forever in the next step's collectives. They agree at every log step, where the host
+        # waits for the device anyway; one process's signal stops them all.
+        if jax.process_count() == 1:
+            return stop["signal"] is not None
+        if step % config.train.log_every:
+            return False
+        signalled = jax.experimental.multihost_utils.process_allgather(np.int32(stop["signal"] is not None))
+        return bool(np.any(signalled))
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     logger = Logger(workdir)
     t = config.train
@@ -662,7 +676,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     last_log = (time.time(), step)
     pending = []  # device-side metrics not yet read, so logging never waits on the current step
     try:
-        while step < t.num_steps and stop["signal"] is None:
+        stopped = False
+        while step < t.num_steps:
+            if stop_requested(step):
+                stopped = True
+                break
             batch = global_batch(next(train_iter), data_sharding)
             state, out = train_step(state, batch)
             step += 1
@@ -694,12 +712,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 save(best, step, {"mean_fg_dice": summary["mean_fg_dice"]})
             if step % t.checkpoint_every == 0 or step == t.num_steps:
                 save(latest, step)
-        if stop["signal"] is not None:
+        if stopped:
             if latest.latest_step() != step:  # the loop may have just saved this step
                 save(latest, step)
             latest.wait_until_finished()
             if is_main:
-                print(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same command to resume", flush=True)
+                print(f"\nstopped by signal {stop['signal'] or 'on another process'} at step {step}; checkpoint saved, rerun the same command to resume", flush=True)
             return {}
     finally:
         if bar is not None:
