@@ -6,7 +6,8 @@ One patient (122 x 101 x 30 voxels at 3 mm, TotalSegmentator pseudo-labels): liv
 kidneys about 1% each, pancreas 0.17%, adrenal glands about 0.05% each; every other structure is background.
 Training uses axial slices 0-12 and 19-29, validation the slab of slices 13-18 (the only slices holding all seven
 organs). This checks the real-volume pipeline end to end on real anatomy; one patient supports no claim about
-generalization. Runtime: about N minutes on a 2-core CPU.
+generalization. Runtime: about 2 minutes on one core of a 2-core CPU
+(600 steps); see docs/results.md for the loss study on it.
 """
 
 import os
