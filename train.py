@@ -8,11 +8,14 @@ launcher's environment (SLURM, Open MPI, Cloud TPU VMs, GKE TPU, Kubernetes JobS
         --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0    # and --process_id=1 elsewhere
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from combo_jax import distributed, training
+from combo_jax.data import nifti
 
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally file.py:loss_name)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl, TensorBoard events and the report")
@@ -40,7 +43,10 @@ def main(argv):
         raise app.UsageError(str(err)) from err
     main_process = jax.process_index() == 0
     logging.set_verbosity(logging.WARNING if main_process else logging.ERROR)  # orbax logs every file at INFO
-    summary = training.train_and_evaluate(f.config, f.workdir)
+    try:
+        summary = training.train_and_evaluate(f.config, f.workdir)
+    except (training.ConfigError, nifti.DatasetError) as err:  # the user's config or data: no traceback
+        sys.exit(f"error: {err}")
     if summary and main_process:
         print(f"mean foreground Dice {summary['mean_fg_dice']:.4f}; report: {f.workdir}/report.md")
 

@@ -573,6 +573,50 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
+# Settings a resumed run may change: how long to train, how often to log, evaluate and save, how to evaluate,
+# and where the data and its cache live. Everything else decides which batches and which updates the run made.
+_RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                      "train.keep_checkpoints", "train.on_nonfinite", "train.eval_batch_size", "eval.", "data.root",
+                      "data.cache_dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(config, workdir: str) -> None:
+    """Refuses to resume a workdir whose checkpoints were made with a different configuration.
+
+    Resuming restores the data iterator and the optimizer state; with another seed, dataset, model, loss,
+    optimizer or batch size the restored state would not belong to the run, so any such difference is an error
+    naming the fields. Training longer (``train.num_steps``) or logging, evaluating and saving at other
+    intervals is allowed.
+    """
+    path = os.path.join(workdir, "config.json")
+    latest = os.path.join(workdir, "checkpoints", "latest")
+    if not (os.path.exists(path) and os.path.isdir(latest) and any(n.isdigit() for n in os.listdir(latest))):
+        return
+    with open(path) as f:
+        before = _flatten(json.load(f))
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    changed = [
+        f"config.{key}: {before.get(key, '(absent)')!r} in the saved run, {now.get(key, '(absent)')!r} now"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key) and not any(key == c or (c.endswith(".") and key.startswith(c)) for c in _RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise ConfigError(
+            f"workdir {workdir!r} holds checkpoints of a run with a different configuration ({'; '.join(changed)}). "
+            "Rerun with the run's own settings to resume it, or use a new workdir for a new run."
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
     """Trains, evaluates and checkpoints; resumes from workdir/checkpoints if a run is there.
 
@@ -584,6 +628,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     check_config(config, workdir, num_devices=len(devices))
     is_main = jax.process_index() == 0
     started = time.time()
+    check_resume(config, workdir)
     if is_main:  # what predict (load_run) and the experiment runner read back
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
@@ -631,13 +676,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                                              multiprocessing_options=_barrier_prefix("best")),
     )
     if latest.latest_step() is not None:
-        restored = latest.restore(
-            latest.latest_step(),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-                data=grain.checkpoint.CheckpointRestore(train_iter),
-            ),
-        )
+        try:
+            restored = latest.restore(
+                latest.latest_step(),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+                    data=grain.checkpoint.CheckpointRestore(train_iter),
+                ),
+            )
+        except ValueError as err:
+            if "does not match" not in str(err):
+                raise
+            raise ConfigError(  # e.g. another process count: each process's data position is saved separately
+                f"the checkpoint in {latest.directory} was written by a run whose data loading differs from this "
+                f"one (another process count or dataset size?): {str(err).splitlines()[0]} Resume with the run's "
+                "own settings, or use a new workdir."
+            ) from err
         state = restored["state"]
         if is_main:
             print(f"resumed from {latest.directory} at step {int(state.step)}", flush=True)

@@ -235,3 +235,22 @@ def test_nonfinite_skip_keeps_parameters_finite(tmp_path):
     _, params = _final_params(workdir)
     assert all(np.all(np.isfinite(p)) for p in params)
     assert not all(r["finite"] for r in _rows(workdir))
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path):
+    config = tiny.get_config()
+    config.train.num_steps = 4
+    workdir = str(tmp_path / "run")
+    training.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    changed = tiny.get_config()
+    changed.train.num_steps = 6
+    changed.seed = 1
+    changed.model.features = (4, 16)
+    with pytest.raises(training.ConfigError, match=r"config.model.features: \[4, 8\] in the saved run, \[4, 16\] now; "
+                                                   r"config.seed: 0 in the saved run, 1 now"):
+        training.train_and_evaluate(changed, workdir, devices=jax.devices()[:1])
+    assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 0  # the saved run's record is kept
+    longer = tiny.get_config()
+    longer.train.num_steps = 6  # training longer is a resume, not a new run
+    training.train_and_evaluate(longer, workdir, devices=jax.devices()[:1])
+    assert [r["step"] for r in _rows(workdir)][-2:] == [5, 6]
