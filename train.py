@@ -32,6 +32,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # before jax starts its backends; orbax logs every file at INFO
     # Join the job first: nothing may touch a JAX device before this.
     try:
         distributed.initialize(
@@ -42,7 +43,8 @@ def main(argv):
     except ValueError as err:  # flags or launcher variables that cannot describe a job
         raise app.UsageError(str(err)) from err
     main_process = jax.process_index() == 0
-    logging.set_verbosity(logging.WARNING if main_process else logging.ERROR)  # orbax logs every file at INFO
+    if not main_process:
+        logging.set_verbosity(logging.ERROR)
     try:
         summary = training.train_and_evaluate(f.config, f.workdir)
     except (training.ConfigError, nifti.DatasetError) as err:  # the user's config or data: no traceback
