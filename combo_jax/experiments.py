@@ -203,18 +203,11 @@ def _json_tree(tree: Any) -> Any:
     return json.loads(json.dumps(tree, default=str))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def config_differences(expected: dict, recorded: dict) -> list[str]:
     """``key: recorded -> expected`` for every field both have and that differs (after a JSON round trip)."""
-    a, b = _flatten(_json_tree(expected)), _flatten(_json_tree(recorded))
+    from combo_jax.training import flatten_config
+
+    a, b = flatten_config(_json_tree(expected)), flatten_config(_json_tree(recorded))
     return [f"{k}: recorded {b[k]!r}, this command {a[k]!r}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
 
 
@@ -745,6 +738,8 @@ def read_run(run: Run) -> dict:
     Returns {"run", "loss", "options", "value" (sweeps), "mean_fg_dice", "organs": {name: {metric: float,
     "share"}}}; every field comes from the file.
     """
+    from combo_jax.training import flatten_config
+
     with open(run.summary_path) as f:
         summary = json.load(f)
     recorded = summary.get("config") or {}
@@ -780,7 +775,7 @@ def read_run(run: Run) -> dict:
         }
     value = None
     if run.param is not None:
-        value = _flatten(recorded).get(run.param, math.nan)
+        value = flatten_config(recorded).get(run.param, math.nan)
         if isinstance(value, float) and math.isnan(value):
             raise StudyError(f"{run.summary_path} records no {run.param}")
     return {"run": run.name, "workdir": run.workdir, "seed": recorded.get("seed", run.seed), "loss": name, "options": loss, "value": value,

@@ -35,7 +35,7 @@ def input_cases(path: str) -> tuple[nifti.Case, ...]:
         return nifti.from_pairs([(path, None)])
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--input {path!r}: no such file or folder")
-    files = sorted(f for f in os.listdir(path) if f.endswith((".nii", ".nii.gz")) and not f.startswith("."))
+    files = sorted(f for f in os.listdir(path) if nifti.is_nifti_file(f))
     if not files:
         raise FileNotFoundError(f"--input {path!r}: the folder holds no .nii or .nii.gz files")
     return nifti.from_pairs([(os.path.join(path, f), None) for f in files])
@@ -56,9 +56,7 @@ def predict(workdir: str, inputs: str, output: str, *, checkpoint: str = "best",
         raise ValueError(f"--overlap must be in [0, 1), got {config.eval.overlap}")
     if config.train.eval_batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {config.train.eval_batch_size}")
-    d = config.data
-    preprocessing = nifti.Preprocessing(spacing=tuple(d.spacing) or None, modality=d.modality,
-                                        ct_window=tuple(d.ct_window))
+    preprocessing = training.volume_preprocessing(config)
     cases = input_cases(inputs)
     os.makedirs(output, exist_ok=True)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
@@ -76,7 +74,7 @@ def predict(workdir: str, inputs: str, output: str, *, checkpoint: str = "best",
         written.append(path)
         print(f"{case.name}: {volume.original_shape} -> {path} ({time.time() - started:.1f} s)", flush=True)
     with open(os.path.join(output, "classes.json"), "w") as f:
-        json.dump({"classes": ["background", *d.organs], "workdir": os.path.abspath(workdir),
+        json.dump({"classes": ["background", *config.data.organs], "workdir": os.path.abspath(workdir),
                    "checkpoint": checkpoint, "step": int(step)}, f, indent=1)
     return written
 

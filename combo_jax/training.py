@@ -250,6 +250,17 @@ def _slab(volume, axis: int, start: int, stop: int, suffix: str):
                                original_shape=labels.shape, original_spacing=volume.spacing)
 
 
+def volume_preprocessing(config):
+    """The :class:`combo_jax.data.nifti.Preprocessing` a real-volume config names (training and prediction)."""
+    from combo_jax.data import nifti
+
+    d = config.data
+    return nifti.Preprocessing(
+        spacing=tuple(d.spacing) or None, modality=d.modality, ct_window=tuple(d.ct_window),
+        label_map={int(i): k + 1 for k, i in enumerate(d.label_ids)},
+    )
+
+
 def _make_volume_data(config) -> Data:
     """Real volumes (``config.data.name == "nifti"``): loaded, checked, preprocessed and cached up front."""
     from combo_jax.data import nifti, pipeline
@@ -272,11 +283,7 @@ def _make_volume_data(config) -> Data:
     else:
         info = nifti.read_msd(d.root)
         cases, declared = info.cases, info.label_ids
-    preprocessing = nifti.Preprocessing(
-        spacing=tuple(d.spacing) or None, modality=d.modality, ct_window=tuple(d.ct_window),
-        label_map={int(i): k + 1 for k, i in enumerate(d.label_ids)},
-    )
-    volumes = nifti.load_dataset(cases, preprocessing, label_ids=declared, cache_dir=d.cache_dir or default_cache_dir())
+    volumes = nifti.load_dataset(cases, volume_preprocessing(config), label_ids=declared, cache_dir=d.cache_dir or default_cache_dir())
     names = ", ".join(v.name for v in volumes)
     if d.val_slab:
         start, stop = (int(x) for x in d.val_slab)
@@ -551,9 +558,10 @@ def evaluate(config, data: Data, params, steps: dict, sharding, *, keep_predicti
                              num_epochs=1, worker_count=0)
         for local in loader:
             batch = global_batch(local, sharding)
-            pred, labels, image = (_to_host(a) for a in (steps["eval"](params, batch), batch["labels"], batch["image"]))
+            pred, labels = _to_host(steps["eval"](params, batch)), _to_host(batch["labels"])
+            images = _to_host(batch["image"]) if len(examples) < keep_predictions else None  # only to keep examples
             for i in range(len(pred)):
-                add_case(image[i], labels[i], pred[i], data.spacing)
+                add_case(None if images is None else images[i], labels[i], pred[i], data.spacing)
     else:
         for volume in data.val_volumes:
             logits = predict_volume(config, steps["apply"], params, volume.image, sharding)
@@ -580,11 +588,12 @@ _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", 
                       "data.cache_dir")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict (e.g. a config.json) as ``{"data.shape": ..., "loss.beta": ...}``."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -603,8 +612,8 @@ def check_resume(config, workdir: str) -> None:
     if not (os.path.exists(path) and os.path.isdir(latest) and any(n.isdigit() for n in os.listdir(latest))):
         return
     with open(path) as f:
-        before = _flatten(json.load(f))
-    now = _flatten(json.loads(config.to_json_best_effort()))
+        before = flatten_config(json.load(f))
+    now = flatten_config(json.loads(config.to_json_best_effort()))
     changed = [
         f"config.{key}: {before.get(key, '(absent)')!r} in the saved run, {now.get(key, '(absent)')!r} now"
         for key in sorted(set(before) | set(now))

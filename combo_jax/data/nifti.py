@@ -104,7 +104,8 @@ def _case_name(path: str) -> str:
     return base
 
 
-def _is_nifti(name: str) -> bool:
+def is_nifti_file(name: str) -> bool:
+    """Whether a file name is a NIfTI file's (.nii or .nii.gz; hidden files and macOS forks excluded)."""
     return name.endswith(_NIFTI_SUFFIXES) and not name.startswith(".")  # skips macOS "._x.nii.gz" forks
 
 
@@ -159,8 +160,8 @@ def _pair_folders(root: str) -> tuple[Case, ...]:
     images_dir, labels_dir = os.path.join(root, "imagesTr"), os.path.join(root, "labelsTr")
     if not (os.path.isdir(images_dir) and os.path.isdir(labels_dir)):
         raise DatasetError(f"dataset folder {root!r} has neither a dataset.json nor imagesTr/ and labelsTr/ folders")
-    images = sorted(f for f in os.listdir(images_dir) if _is_nifti(f))
-    labels = {_case_name(f): f for f in os.listdir(labels_dir) if _is_nifti(f)}
+    images = sorted(f for f in os.listdir(images_dir) if is_nifti_file(f))
+    labels = {_case_name(f): f for f in os.listdir(labels_dir) if is_nifti_file(f)}
     if not images:
         raise DatasetError(f"dataset folder {root!r}: imagesTr/ holds no .nii or .nii.gz files")
     cases, unmatched = {}, []
