@@ -712,9 +712,9 @@ def _append_study(out: str, record: dict) -> None:
             study = json.load(f)
     study["invocations"].append(record)
     os.makedirs(out, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(study, f, indent=1)
-    os.replace(path + ".tmp", path)
+    from combo_jax.training import write_text_atomic
+
+    write_text_atomic(path, json.dumps(study, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------

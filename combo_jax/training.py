@@ -588,6 +588,14 @@ _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", 
                       "data.cache_dir")
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a concurrent reader sees the old file or the complete new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def flatten_config(tree: dict, prefix: str = "") -> dict:
     """A nested config dict (e.g. a config.json) as ``{"data.shape": ..., "loss.beta": ...}``."""
     flat = {}
@@ -638,9 +646,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     is_main = jax.process_index() == 0
     started = time.time()
     check_resume(config, workdir)
-    if is_main:  # what predict (load_run) and the experiment runner read back
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+    if is_main:  # what predict (load_run) and the experiment runner read back; other processes may be reading it
+        write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
 
     # Mesh: one data axis over every device of every process; batches split, parameters replicated.
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -827,10 +834,7 @@ def write_summary(config, data: Data, workdir: str, summary: dict, *, elapsed: f
         "organs": organs,
         "config": json.loads(config.to_json_best_effort()),
     }
-    path = os.path.join(workdir, "summary.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(os.path.join(workdir, "summary.json"), json.dumps(row, indent=1, default=str))
 
 
 def _mm(value: float, inf_cases: int) -> str:

@@ -254,3 +254,31 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     longer.train.num_steps = 6  # training longer is a resume, not a new run
     training.train_and_evaluate(longer, workdir, devices=jax.devices()[:1])
     assert [r["step"] for r in _rows(workdir)][-2:] == [5, 6]
+
+
+def test_config_json_is_never_seen_half_written(tmp_path):
+    """Every process of a multi-process job reads config.json (the resume check) while process 0 rewrites it."""
+    import threading
+
+    path = str(tmp_path / "config.json")
+    texts = [json.dumps({"seed": i, "pad": "x" * 200_000}) for i in range(2)]
+    training.write_text_atomic(path, texts[0])
+    torn, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            with open(path) as f:
+                text = f.read()
+            if text not in texts:
+                torn.append(len(text))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(300):
+            training.write_text_atomic(path, texts[i % 2])
+    finally:
+        done.set()
+        reader.join()
+    assert not torn, f"a reader saw {len(torn)} partial files, e.g. of {torn[0]} characters"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
