@@ -1,15 +1,23 @@
-"""The softmax Combo loss with a hand-derived gradient, written per channel.
+"""The softmax Combo loss with a hand-derived gradient, arranged for XLA's fusion passes.
 
 :func:`combo_jax.losses.combo_loss` and :func:`combo_jax.losses.weighted_cross_entropy` route softmax
-inputs here. The math is exactly theirs; only the evaluation differs, for speed:
+inputs here. The math is exactly theirs; only the evaluation differs, for speed.
 
-* The channel axis is small (K of 2 to 20 organs), and XLA:CPU fuses a reduction over a small minor axis
-  into its elementwise consumers, recomputing it for every channel (K^2 work) and running it unvectorized.
-  Here every channel is a separate ``(B, N)`` array and per-voxel reductions over channels are elementwise
-  sums of those arrays.
+How XLA:CPU treats the straightforward formula, and what this module does about it (measured with the
+XLA:CPU profiler, see BENCHMARKS.md):
+
+* A reduction over the small channel axis (softmax's max and sum over K) is fused into each elementwise
+  consumer and recomputed there, K times per voxel and unvectorized. Here every channel is a ``(B, N)``
+  slice and per-voxel reductions over channels are elementwise chains over those slices.
+* XLA duplicates *cheap* producers (max, compare, select, add) into every consumer, and an
+  ``optimization_barrier`` is gone before fusion runs. A per-voxel statistic that many kernels read
+  (the log-sum-exp) is therefore divided by a runtime array of ones (:func:`_computed_once`): a divide
+  is expensive to XLA, so the statistic is computed once and stored, not recomputed in every reader.
+* A sum's elementwise producer is split at every add and multiply into separate stored arrays (they
+  become operands of the reduction kernel). Sums here end their producer with a select or an
+  exponential, so each producer stays one kernel.
 * Autodiff of the softmax chain materializes many full-size intermediates. ``jax.custom_vjp`` replaces it
-  with one forward pass (per-voxel log-sum-exp, then the sums the loss needs) and one backward pass that
-  writes the gradient directly.
+  with one forward pass and one backward pass that writes the gradient directly.
 
 Gradient. With ``h_k = p_k dL/dp_k`` (per voxel), the softmax Jacobian gives ``dL/dx_j = h_j - p_j sum_k h_k``.
 For the Combo loss ``h_k = h_reg_k + q_k o_k`` where ``o_k = p_k / (1 - p_k)`` (from the ``log(1 - p_k)`` term)
@@ -18,24 +26,29 @@ and ``h_reg_k`` collects the rest:
     h_reg_k = w [-A c_k beta t_k + p_k (U_k t_k - V_k)],    q_k = A w c_k (1 - beta)(1 - t_k),
 
 with ``A = alpha / (N |C|)``, the Dice coefficients ``U = -(1 - alpha) c 2 / den / (n_b |C|)`` and
-``V = -(1 - alpha) c num / den^2 / (n_b |C|)``, ``w`` the voxel mask and ``c`` the class weights. The odds
-``o_a`` of the most likely channel ``a`` can be huge (``p_a`` near 1), so its part is rewritten with
-``r = 1 - p_a`` summed from the other channels (never ``1 - p_a`` by subtraction):
+``V = -(1 - alpha) c num / den^2 / (n_b |C|)``, ``w`` the voxel mask and ``c`` the class weights. At most one
+channel ``a`` per voxel has ``p_a > 1/2``; its odds can be huge (``p_a`` near 1), so its part is rewritten
+with ``r = 1 - p_a`` computed from the other channels (never ``1 - p_a`` by subtraction):
 
-    j = a:   dL/dx_a = h_reg_a - p_a H_reg + q_a p_a - p_a R
-    j != a:  dL/dx_j = h_reg_j - p_j H_reg + q_j o_j - p_j R - q_a p_a (p_j / r)
+    j = a:   dL/dx_a = h_reg_a - p_a S + q_a p_a
+    j != a:  dL/dx_j = h_reg_j - p_j S + q_j o_j - q_a p_a (p_j / r)
 
-where ``H_reg = sum_k h_reg_k`` and ``R = sum_{k != a} q_k o_k``. Every factor is bounded (for ``j != a``,
-``p_j <= 1/2`` and ``p_j / r <= 1``), so the gradient stays finite for logits of any size.
+where ``S = sum_k h_reg_k + sum_{k != a} q_k o_k``. Every factor is bounded (for ``j != a``, ``p_j < 1/2``
+and ``p_j / r <= 1``), so the gradient stays finite for logits of any size. ``q_a p_a p_j / r`` is evaluated as
+``exp(x_j + log(q_a p_a) - lse_rest)``, with ``lse_rest`` the log-sum-exp of the channels other than the
+argmax; when no channel passes 1/2, ``q_a p_a`` is 0 and the formula is the plain one.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+_LOG_HALF = math.log(0.5)
 
 
 class ComboOptions(NamedTuple):
@@ -60,78 +73,123 @@ def _mix(t: jax.Array, if_one, if_zero):
     return t * if_one + (1.0 - t) * if_zero
 
 
-def _voxel_stats(xs: list[jax.Array]):
-    """Per voxel: max logit m, log-sum-exp offset ls (log sum exp(x - m)), argmax a, log(1 - p_a).
+def _ones_like_voxels(x: jax.Array) -> jax.Array:
+    """A (B, N) array of ones that XLA cannot fold to a constant (NaN where the first logit is not finite)."""
+    return 1.0 + 0.0 * x[..., 0]
 
-    Exact for any logit gap: with m2 the largest logit but the maximum one (equal to m on ties),
-    rest = sum_{j != a} exp(x_j - m) = exp(m2 - m) r2 with r2 = sum_{j != a} exp(x_j - m2) >= 1, so
-    log(rest) = m2 - m + log r2 never underflows, s = 1 + rest gives ls = softplus(log rest), and
-    log(1 - p_a) = log(rest) - ls.
+
+def _computed_once(value: jax.Array, ones: jax.Array) -> jax.Array:
+    """``value`` itself, marked expensive (a divide by a runtime one) so that XLA stores it once.
+
+    Without it, XLA:CPU fuses the cheap chain that produces ``value`` (maxima, compares, selects over the
+    channel slices) into every kernel that reads it.
     """
+    return value / ones
+
+
+def _sum_root(value: jax.Array, nan_if: jax.Array) -> jax.Array:
+    """``value`` (NaN where ``nan_if`` is NaN) ending in a select, so a sum over it stays one kernel."""
+    return jnp.where(nan_if == nan_if, value, nan_if)
+
+
+def _argmax_and_max(xs: list[jax.Array]):
     m = functools.reduce(jnp.maximum, xs)
-    argmax = jnp.zeros(m.shape, jnp.int32)
-    for k in range(len(xs) - 1, -1, -1):
+    argmax = jnp.full(m.shape, len(xs) - 1, jnp.int32)
+    for k in range(len(xs) - 2, -1, -1):
         argmax = jnp.where(xs[k] == m, k, argmax)
+    return m, argmax
+
+
+def _voxel_stats(xs: list[jax.Array], ones: jax.Array):
+    """Per voxel: log-sum-exp ``lse``, log-sum-exp of the other channels ``lse_rest``, max ``m``, argmax.
+
+    Both log-sum-exps are exact for any logit gap: ``lse = m + log1p(sum_{j != a} exp(x_j - m))`` needs no
+    second shift (a sum that underflows means ``log1p`` of it is below rounding), and ``lse_rest`` is shifted
+    by the largest of the other channels, so ``log(1 - p_a) = lse_rest - lse`` never underflows.
+    """
+    m, argmax = _argmax_and_max(xs)
     others = [jnp.where(argmax == k, -jnp.inf, xk) for k, xk in enumerate(xs)]
+    lse = m + jnp.log1p(functools.reduce(jnp.add, [jnp.exp(o - m) for o in others]))
     m2 = functools.reduce(jnp.maximum, others)
-    r2 = functools.reduce(jnp.add, [jnp.exp(o - m2) for o in others])
-    log_rest = m2 - m + jnp.log(r2)
-    ls = jax.nn.softplus(log_rest)
-    # Materialize the per-voxel statistics: fused into each channel's consumer they would be recomputed.
-    return jax.lax.optimization_barrier((m, ls, argmax, log_rest - ls))
+    lse_rest = m2 + jnp.log(functools.reduce(jnp.add, [jnp.exp(o - m2) for o in others]))
+    return _computed_once(lse, ones), _computed_once(lse_rest, ones), m, argmax
 
 
 def _forward(x, labels, mask, weights, options: ComboOptions):
     alpha, beta, smooth, c0, batch_dice = options
     batch, n, k_all = x.shape
     num_organs = k_all - c0
+    ones = _ones_like_voxels(x)
     xs = [x[..., k] for k in range(k_all)]
-    m, ls, argmax, log1m_a = _voxel_stats(xs)
-
-    # With integer labels and no class weights, sum_k (1 - t_k) log(1 - p_k) over the channels below the
-    # maximum is the log of a product whose factors are all >= 1/2: one logarithm per voxel instead of one
-    # per channel. The most likely channel contributes log1m_a.
-    product_form = labels.ndim == 2 and weights is None
-    ce = jnp.zeros_like(m)
-    product = jnp.ones_like(m)
-    inter, psum, tsum = [], [], []
-    for k in range(c0, k_all):
-        lp = xs[k] - m - ls
-        p = jnp.exp(lp)
-        t = _channel_target(labels, k)
-        if product_form:
-            ce = ce + jnp.where(t, lp, 0.0)
-            product = product * jnp.where(t | (argmax == k), 1.0, 1.0 - p)
-        else:
-            # For every channel but the most likely one p <= 1/2, so log1p(-p) is exact.
-            log1m = jnp.where(argmax == k, log1m_a, jnp.log1p(-p))
-            term = _mix(t, beta * lp, (1.0 - beta) * log1m)
-            ce = ce + (term if weights is None else weights[k] * term)
-        if mask is not None:
-            p = p * mask
-        inter.append(jnp.sum(_mix(t, p, 0.0), axis=1))
-        psum.append(jnp.sum(p, axis=1))
-        tsum.append(jnp.sum(_mix(t, 1.0 if mask is None else mask, 0.0), axis=1))
-    if product_form:
-        max_is_negative_organ = (argmax >= c0) & (labels != argmax)
-        ce = beta * ce + (1.0 - beta) * (jnp.log(product) + jnp.where(max_is_negative_organ, log1m_a, 0.0))
+    lse, lse_rest, m, argmax = _voxel_stats(xs, ones)
     if mask is not None:
-        ce = ce * mask
         count = jnp.maximum(jnp.sum(mask), 1.0)
     else:
         count = jnp.asarray(batch * n, x.dtype)
+    a_ce = alpha / (count * num_organs)
+
+    # log(q_a p_a) - lse_rest for the channel a with p_a > 1/2 (-inf where there is none, or q_a = 0); the
+    # backward pass reads it (see the module docstring).
+    hi = (m - lse) > _LOG_HALF
+    q_a = jnp.zeros_like(lse)
+    for k in range(c0, k_all):
+        q_k = _mix(_channel_target(labels, k), 0.0, 1.0 - beta) * (1.0 if weights is None else weights[k])
+        q_a = jnp.where(argmax == k, q_k, q_a)
+    if mask is not None:
+        q_a = q_a * mask
+    log_qa = jnp.where(hi & (q_a > 0), jnp.log(a_ce * q_a) + (m - lse) - lse_rest, -jnp.inf)
+    log_qa = _computed_once(log_qa, ones)
+
+    # Cross-entropy per voxel. log(1 - p_k) is log1p(-p_k) for every channel below 1/2 (exact there) and
+    # lse_rest - lse for the one above. With integer labels and no class weights, the (1 - beta) part over
+    # the channels below 1/2 is the log of a product whose factors are all >= 1/2: one logarithm per voxel.
+    product_form = labels.ndim == 2 and weights is None
+    ce = jnp.zeros_like(lse)
+    product = jnp.ones_like(lse)
+    above_half = jnp.zeros(lse.shape, jnp.bool_)
+    for k in range(c0, k_all):
+        lp = xs[k] - lse
+        t = _channel_target(labels, k)
+        is_hi = lp > _LOG_HALF
+        if product_form:
+            ce = ce + jnp.where(t, lp, 0.0)
+            product = product * jnp.where(t | is_hi, 1.0, 1.0 - jnp.exp(lp))
+            above_half = above_half | (is_hi & ~t)
+        else:
+            log1m = jnp.where(is_hi, lse_rest - lse, jnp.log1p(-jnp.exp(jnp.where(is_hi, -jnp.inf, lp))))
+            term = _mix(t, beta * lp, (1.0 - beta) * log1m)
+            ce = ce + (term if weights is None else weights[k] * term)
+    if product_form:
+        ce = beta * ce + (1.0 - beta) * (jnp.log(product) + jnp.where(above_half, lse_rest - lse, 0.0))
+    if mask is not None:
+        ce = ce * mask
+    ce_mean = -jnp.sum(_sum_root(ce, lse)) / (count * num_organs)
+
+    # Dice sums over the spatial axis, from the per-channel probabilities.
+    inter, psum, tsum = [], [], []
+    for k in range(c0, k_all):
+        p = jnp.exp(xs[k] - lse)
+        if mask is not None:
+            p = p * mask
+        t = _channel_target(labels, k)
+        inter.append(jnp.sum(_mix(t, p, 0.0), axis=1))
+        psum.append(jnp.sum(p, axis=1))
+        if mask is not None:
+            tsum.append(jnp.sum(_mix(t, mask, 0.0), axis=1))
+        elif t.dtype == jnp.bool_:
+            tsum.append(jnp.sum(t, axis=1, dtype=jnp.int32).astype(x.dtype))
+        else:
+            tsum.append(jnp.sum(t, axis=1))
     inter, psum, tsum = (jnp.stack(v, axis=-1) for v in (inter, psum, tsum))  # (B, |C|)
     if batch_dice:
         inter, psum, tsum = (jnp.sum(v, axis=0) for v in (inter, psum, tsum))  # (|C|,)
     num = 2.0 * inter + smooth
     den = psum + tsum + smooth
     dice = num / den
-    organ_w = None if weights is None else weights[c0:]
-    if organ_w is not None:
-        dice = dice * organ_w
-    ce_mean = -jnp.sum(ce) / (count * num_organs)
+    if weights is not None:
+        dice = dice * weights[c0:]
     loss = alpha * ce_mean - (1.0 - alpha) * jnp.mean(dice)
-    return loss, (m, ls, argmax, log1m_a, num, den, count)
+    return loss, (lse, log_qa, num, den, count)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -155,7 +213,7 @@ def _combo_fwd(x, labels, mask, weights, options):
 
 def _combo_bwd(options, residuals, g):
     alpha, beta, smooth, c0, batch_dice = options
-    x, labels, mask, weights, (m, ls, argmax, log1m_a, num, den, count) = residuals
+    x, labels, mask, weights, (lse, log_qa, num, den, count) = residuals
     batch, _, k_all = x.shape
     num_organs = k_all - c0
     a_ce = alpha / (count * num_organs)
@@ -166,52 +224,44 @@ def _combo_bwd(options, residuals, g):
     if batch_dice:
         u, v = jnp.broadcast_to(u, (batch, num_organs)), jnp.broadcast_to(v, (batch, num_organs))
 
-    # The gradient as one elementwise expression over (B, N, K): per-voxel statistics broadcast along the
-    # channel axis, per-class Dice coefficients along the voxel axis. (Per-channel arrays stacked at the
-    # end would be a concatenation, which XLA:CPU does not vectorize.) It needs one per-voxel sum over the
-    # channels, s1 = sum_k (h_reg_k + q_k o_k), computed first from per-channel slices.
-    def voxel(a):
-        return a[..., None]
-
     def organ_weight(k):
         return 1.0 if weights is None else weights[k]
 
+    # S = sum_k h_reg_k + sum_{k != a} q_k o_k per voxel, from the channel slices, stored once.
     xs = [x[..., k] for k in range(k_all)]
-    s1 = jnp.zeros_like(m)
-    q_a = jnp.zeros_like(m)
+    s = jnp.zeros_like(lse)
     for k in range(c0, k_all):
-        lp_k = xs[k] - m - ls
-        p_k = jnp.exp(lp_k)
-        t_k = _channel_target(labels, k)
+        lp = xs[k] - lse
+        p = jnp.exp(lp)
+        t = _channel_target(labels, k)
         uk, vk = u[:, k - c0, None], v[:, k - c0, None]
-        h_k = _mix(t_k, p_k * (uk - vk) - a_ce * organ_weight(k) * beta, -p_k * vk)
-        q_k = _mix(t_k, 0.0, a_ce * organ_weight(k) * (1.0 - beta))
-        odds_k = jnp.where(argmax == k, 0.0, p_k / (1.0 - p_k))
-        s1 = s1 + h_k + q_k * odds_k
-        q_a = q_a + jnp.where(argmax == k, q_k, 0.0)
+        h = _mix(t, p * (uk - vk) - a_ce * organ_weight(k) * beta, -p * vk)
+        q = _mix(t, 0.0, a_ce * organ_weight(k) * (1.0 - beta))
+        s = s + h + jnp.where(lp > _LOG_HALF, 0.0, q * p / (1.0 - p))
     if mask is not None:
-        s1, q_a = s1 * mask, q_a * mask
-    p_a = jnp.exp(-ls)
-    q_a_p_a = q_a * p_a
-    s1, q_a_p_a = jax.lax.optimization_barrier((s1, q_a_p_a))
+        s = s * mask
+    s = _computed_once(s, _ones_like_voxels(x))
+
+    # The gradient as one elementwise expression over (B, N, K): per-voxel statistics broadcast along the
+    # channel axis, per-class Dice coefficients along the voxel axis. (Per-channel arrays stacked at the
+    # end would be a concatenation, which XLA:CPU does not vectorize.)
+    def voxel(a):
+        return a[..., None]
 
     classes = jnp.arange(k_all)
     t = labels[..., None] == classes if labels.ndim == 2 else labels
     cw = jnp.where(classes >= c0, 1.0 if weights is None else weights, 0.0).astype(x.dtype)
     u_full = jnp.pad(u, ((0, 0), (c0, 0)))[:, None, :]
     v_full = jnp.pad(v, ((0, 0), (c0, 0)))[:, None, :]
-    lp = x - voxel(m) - voxel(ls)
+    lp = x - voxel(lse)
     p = jnp.exp(lp)
     h = _mix(t, p * (u_full - v_full) - a_ce * cw * beta, -p * v_full)
     qk = _mix(t, 0.0, a_ce * cw * (1.0 - beta))
     if mask is not None:
         h, qk = h * voxel(mask), qk * voxel(mask)
-    is_max = voxel(argmax) == classes
-    odds = p / (1.0 - jnp.where(is_max, 0.0, p))
-    at_max = voxel(q_a_p_a)
-    # p_j / (1 - p_a) <= 1 for j != a, as exp(log p_j - log(1 - p_a)): no overflow for any logit gap.
-    elsewhere = qk * odds - voxel(q_a_p_a) * jnp.exp(lp - voxel(log1m_a))
-    dx = g * (h - p * voxel(s1) + jnp.where(is_max, at_max, elsewhere))
+    is_hi = lp > _LOG_HALF
+    odds = p / (1.0 - jnp.where(is_hi, 0.0, p))
+    dx = g * (h - p * voxel(s) + jnp.where(is_hi, qk * p, qk * odds - jnp.exp(x + voxel(log_qa))))
     return dx, None, None, None
 
 
