@@ -102,7 +102,11 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, how):
     subprocess.run(_train_cmd(full, *overrides), env=_env(), check=True, capture_output=True, timeout=300)
 
     broken = str(tmp_path / "broken")
-    proc = subprocess.Popen(_train_cmd(broken, *overrides), env=_env(), stdout=subprocess.PIPE,
+    # train.py's main under the test worker, whose batches after the 3rd take a second longer each: the signal
+    # lands between checkpoints, not after a fast run has already finished.
+    worker = [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), f"--record={tmp_path / 'record'}",
+              "--slow_after=3"]
+    proc = subprocess.Popen(worker + _train_cmd(broken, *overrides)[2:], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     _wait_for(os.path.join(broken, "checkpoints", "latest", "3"), proc)
     if how == "sigkill":
