@@ -1,8 +1,9 @@
 """Forward+backward time of combo_jax.combo_loss against the PyTorch peers, in one process, same inputs.
 
 Peers: MONAI DiceCELoss(softmax=True, to_onehot_y=True), our PyTorch reference combo_loss eagerly and under
-torch.compile. Runs on the GPU when JAX and torch both see one, else on the CPU. Prints a ratio table
-(time / MONAI time) and writes JSON.
+torch.compile. Also the MONAI-semantics pair: combo_jax dice_ce_loss against DiceCELoss and dice_loss against
+MONAI DiceLoss(softmax=True, to_onehot_y=True), each with its defaults. Runs on the GPU when JAX and torch
+both see one, else on the CPU. Prints a ratio table (time / the MONAI peer's time) and writes JSON.
 
     python benchmarks/losses.py                      # the issue's CPU shapes
     python benchmarks/losses.py --shapes 4x128x128x128x6 --dtypes float32,bfloat16   # the GPU shape
@@ -52,9 +53,10 @@ def main() -> None:
             torch.cuda.synchronize()
         return out
 
-    from monai.losses import DiceCELoss
+    from monai.losses import DiceCELoss, DiceLoss
 
     monai_loss = DiceCELoss(softmax=True, to_onehot_y=True)
+    monai_dice = DiceLoss(softmax=True, to_onehot_y=True)
     rows = []
     for shape_text in args.shapes.split(","):
         shape = parse_shape(shape_text)
@@ -79,6 +81,7 @@ def main() -> None:
 
         peers = {
             "MONAI DiceCELoss": torch_step(lambda: monai_loss(xt, yt1)),
+            "MONAI DiceLoss": torch_step(lambda: monai_dice(xt, yt1)),
             "torch reference combo (eager)": torch_step(lambda: torch_losses.combo_loss(xt, yt)),
         }
         if not args.no_compile:
@@ -93,14 +96,21 @@ def main() -> None:
             timings[f"combo_jax combo_loss ({dtype})"] = median_ms(
                 lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup
             )
-        base = timings["MONAI DiceCELoss"]
+        xj, yj = jnp.asarray(x_np), jnp.asarray(y_np)
+        for name in ("dice_ce_loss", "dice_loss"):
+            step = jax.jit(jax.value_and_grad(getattr(losses, name)))
+            timings[f"combo_jax {name} (float32)"] = median_ms(
+                lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup
+            )
         for name, ms in timings.items():
-            rows.append({"shape": shape_text, "impl": name, "ms": round(ms, 3), "ratio_to_monai": round(ms / base, 3)})
+            peer = "MONAI DiceLoss" if "DiceLoss" in name or "dice_loss" in name else "MONAI DiceCELoss"
+            rows.append({"shape": shape_text, "impl": name, "ms": round(ms, 3), "peer": peer,
+                         "ratio_to_monai": round(ms / timings[peer], 3)})
 
     print(f"device: {device_name}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
-    print(f"{'shape':>18}  {'implementation':<36} {'ms':>9}  {'x MONAI':>8}")
+    print(f"{'shape':>18}  {'implementation':<36} {'ms':>9}  {'x peer':>7}  peer")
     for row in rows:
-        print(f"{row['shape']:>18}  {row['impl']:<36} {row['ms']:>9.3f}  {row['ratio_to_monai']:>8.3f}")
+        print(f"{row['shape']:>18}  {row['impl']:<36} {row['ms']:>9.3f}  {row['ratio_to_monai']:>7.3f}  {row['peer']}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(

@@ -52,11 +52,24 @@ _LOG_HALF = math.log(0.5)
 
 
 class ComboOptions(NamedTuple):
-    alpha: float
+    """Static options: the loss is ``ce_weight * L_wce - dice_weight * mean_k D_k``.
+
+    ``L_wce`` spans channels ``ce_first_channel:`` and ``D`` channels ``first_channel:``. The Combo loss has
+    ``ce_weight = alpha``, ``dice_weight = 1 - alpha`` and one first channel; its cross-entropy term alone has
+    ``dice_weight = 0``; MONAI-style Dice + cross-entropy has ``beta = 1`` and a cross-entropy over all
+    channels. A weight of 0 leaves its term out of the computation. ``ce_over_valid_labels`` averages the
+    cross-entropy over the voxels whose integer label is in ``[0, K)`` only, as torch's cross-entropy does
+    (otherwise such a voxel is a row of zeros, counted in the mean).
+    """
+
+    ce_weight: float
+    dice_weight: float
     beta: float
     smooth: float
     first_channel: int
+    ce_first_channel: int
     batch_dice: bool
+    ce_over_valid_labels: bool = False
 
 
 def _channel_target(labels: jax.Array, k: int) -> jax.Array:
@@ -116,34 +129,56 @@ def _voxel_stats(xs: list[jax.Array], ones: jax.Array):
 
 
 def _forward(x, labels, mask, weights, options: ComboOptions):
-    alpha, beta, smooth, c0, batch_dice = options
+    ce_weight, dice_weight, beta, smooth, c0, ce0, batch_dice, _ = options
     batch, n, k_all = x.shape
-    num_organs = k_all - c0
     ones = _ones_like_voxels(x)
     xs = [x[..., k] for k in range(k_all)]
     lse, lse_rest, m, argmax = _voxel_stats(xs, ones)
-    if mask is not None:
+    if options.ce_over_valid_labels and labels.ndim == 2:
+        in_range = (labels >= 0) & (labels < k_all)
+        count = jnp.maximum(jnp.sum(_mix(in_range, 1.0 if mask is None else mask, 0.0)), 1.0)
+    elif mask is not None:
         count = jnp.maximum(jnp.sum(mask), 1.0)
     else:
         count = jnp.asarray(batch * n, x.dtype)
-    a_ce = alpha / (count * num_organs)
+    loss = jnp.zeros((), x.dtype)
+    num = den = log_qa = None
+    if ce_weight != 0.0:
+        ce_sum, log_qa = _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, ce0, beta,
+                                         ce_weight / (count * (k_all - ce0)))
+        loss = loss + ce_weight * ce_sum / (count * (k_all - ce0))
+    if dice_weight != 0.0:
+        num, den = _dice_sums(xs, labels, mask, lse, c0, smooth, batch_dice)
+        dice = num / den
+        if weights is not None:
+            dice = dice * weights[c0:]
+        loss = loss - dice_weight * jnp.mean(dice)
+    return loss, (lse, log_qa, num, den, count)
+
+
+def _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, c0, beta, a_ce):
+    """(-sum over voxels and channels c0: of the weighted cross-entropy, log(q_a p_a) - lse_rest or None)."""
+    k_all = len(xs)
 
     # log(q_a p_a) - lse_rest for the channel a with p_a > 1/2 (-inf where there is none, or q_a = 0); the
-    # backward pass reads it (see the module docstring).
-    hi = (m - lse) > _LOG_HALF
-    q_a = jnp.zeros_like(lse)
-    for k in range(c0, k_all):
-        q_k = _mix(_channel_target(labels, k), 0.0, 1.0 - beta) * (1.0 if weights is None else weights[k])
-        q_a = jnp.where(argmax == k, q_k, q_a)
-    if mask is not None:
-        q_a = q_a * mask
-    log_qa = jnp.where(hi & (q_a > 0), jnp.log(a_ce * q_a) + (m - lse) - lse_rest, -jnp.inf)
-    log_qa = _computed_once(log_qa, ones)
+    # backward pass reads it (see the module docstring). With beta = 1 every q is 0.
+    log_qa = None
+    if beta != 1.0:
+        hi = (m - lse) > _LOG_HALF
+        q_a = jnp.zeros_like(lse)
+        for k in range(c0, k_all):
+            q_k = _mix(_channel_target(labels, k), 0.0, 1.0 - beta) * (1.0 if weights is None else weights[k])
+            q_a = jnp.where(argmax == k, q_k, q_a)
+        if mask is not None:
+            q_a = q_a * mask
+        log_qa = jnp.where(hi & (q_a > 0), jnp.log(a_ce * q_a) + (m - lse) - lse_rest, -jnp.inf)
+        log_qa = _computed_once(log_qa, ones)
 
     # Cross-entropy per voxel. log(1 - p_k) is log1p(-p_k) for every channel below 1/2 (exact there) and
     # lse_rest - lse for the one above. With integer labels and no class weights, the (1 - beta) part over
     # the channels below 1/2 is the log of a product whose factors are all >= 1/2: one logarithm per voxel.
     product_form = labels.ndim == 2 and weights is None
+    cross_only = beta == 1.0  # no log(1 - p) terms
     ce = jnp.zeros_like(lse)
     product = jnp.ones_like(lse)
     above_half = jnp.zeros(lse.shape, jnp.bool_)
@@ -151,7 +186,10 @@ def _forward(x, labels, mask, weights, options: ComboOptions):
         lp = xs[k] - lse
         t = _channel_target(labels, k)
         is_hi = lp > _LOG_HALF
-        if product_form:
+        if cross_only:
+            term = _mix(t, lp, 0.0)
+            ce = ce + (term if weights is None else weights[k] * term)
+        elif product_form:
             ce = ce + jnp.where(t, lp, 0.0)
             product = product * jnp.where(t | is_hi, 1.0, 1.0 - jnp.exp(lp))
             above_half = above_half | (is_hi & ~t)
@@ -159,13 +197,16 @@ def _forward(x, labels, mask, weights, options: ComboOptions):
             log1m = jnp.where(is_hi, lse_rest - lse, jnp.log1p(-jnp.exp(jnp.where(is_hi, -jnp.inf, lp))))
             term = _mix(t, beta * lp, (1.0 - beta) * log1m)
             ce = ce + (term if weights is None else weights[k] * term)
-    if product_form:
+    if product_form and not cross_only:
         ce = beta * ce + (1.0 - beta) * (jnp.log(product) + jnp.where(above_half, lse_rest - lse, 0.0))
     if mask is not None:
         ce = ce * mask
-    ce_mean = -jnp.sum(_sum_root(ce, lse)) / (count * num_organs)
+    return -jnp.sum(_sum_root(ce, lse)), log_qa
 
-    # Dice sums over the spatial axis, from the per-channel probabilities.
+
+def _dice_sums(xs, labels, mask, lse, c0, smooth, batch_dice):
+    """Dice numerators and denominators of channels c0:, (B, |C|) or (|C|,), from the channel slices."""
+    k_all = len(xs)
     inter, psum, tsum = [], [], []
     for k in range(c0, k_all):
         p = jnp.exp(xs[k] - lse)
@@ -177,19 +218,13 @@ def _forward(x, labels, mask, weights, options: ComboOptions):
         if mask is not None:
             tsum.append(jnp.sum(_mix(t, mask, 0.0), axis=1))
         elif t.dtype == jnp.bool_:
-            tsum.append(jnp.sum(t, axis=1, dtype=jnp.int32).astype(x.dtype))
+            tsum.append(jnp.sum(t, axis=1, dtype=jnp.int32).astype(lse.dtype))
         else:
             tsum.append(jnp.sum(t, axis=1))
     inter, psum, tsum = (jnp.stack(v, axis=-1) for v in (inter, psum, tsum))  # (B, |C|)
     if batch_dice:
         inter, psum, tsum = (jnp.sum(v, axis=0) for v in (inter, psum, tsum))  # (|C|,)
-    num = 2.0 * inter + smooth
-    den = psum + tsum + smooth
-    dice = num / den
-    if weights is not None:
-        dice = dice * weights[c0:]
-    loss = alpha * ce_mean - (1.0 - alpha) * jnp.mean(dice)
-    return loss, (lse, log_qa, num, den, count)
+    return 2.0 * inter + smooth, psum + tsum + smooth
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -212,32 +247,46 @@ def _combo_fwd(x, labels, mask, weights, options):
 
 
 def _combo_bwd(options, residuals, g):
-    alpha, beta, smooth, c0, batch_dice = options
+    ce_weight, dice_weight, beta, smooth, c0, ce0, batch_dice, _ = options
     x, labels, mask, weights, (lse, log_qa, num, den, count) = residuals
     batch, _, k_all = x.shape
-    num_organs = k_all - c0
-    a_ce = alpha / (count * num_organs)
-    n_dice = num_organs * (1 if batch_dice else batch)
-    organ_w = jnp.ones((num_organs,), x.dtype) if weights is None else weights[c0:]
-    u = -(1.0 - alpha) * organ_w * 2.0 / den / n_dice  # (B, |C|) or (|C|,)
-    v = -(1.0 - alpha) * organ_w * num / (den * den) / n_dice
-    if batch_dice:
-        u, v = jnp.broadcast_to(u, (batch, num_organs)), jnp.broadcast_to(v, (batch, num_organs))
+    has_ce, has_dice = ce_weight != 0.0, dice_weight != 0.0
+    has_q = log_qa is not None  # the (1 - beta) log(1 - p) terms
+    if not (has_ce or has_dice):
+        return jnp.zeros_like(x), None, None, None
+    a_ce = ce_weight / (count * (k_all - ce0))
 
-    def organ_weight(k):
+    def class_weight(k):
         return 1.0 if weights is None else weights[k]
+
+    # Dice coefficients U, V per (sample, channel), zero for the channels Dice leaves out.
+    u = v = jnp.zeros((batch, k_all), x.dtype)
+    if has_dice:
+        num_organs = k_all - c0
+        n_dice = num_organs * (1 if batch_dice else batch)
+        organ_w = jnp.ones((num_organs,), x.dtype) if weights is None else weights[c0:]
+        u = -dice_weight * organ_w * 2.0 / den / n_dice  # (B, |C|) or (|C|,)
+        v = -dice_weight * organ_w * num / (den * den) / n_dice
+        if batch_dice:
+            u, v = jnp.broadcast_to(u, (batch, num_organs)), jnp.broadcast_to(v, (batch, num_organs))
+        u, v = jnp.pad(u, ((0, 0), (c0, 0))), jnp.pad(v, ((0, 0), (c0, 0)))
+    first = min(c0 if has_dice else k_all, ce0 if has_ce else k_all)
 
     # S = sum_k h_reg_k + sum_{k != a} q_k o_k per voxel, from the channel slices, stored once.
     xs = [x[..., k] for k in range(k_all)]
     s = jnp.zeros_like(lse)
-    for k in range(c0, k_all):
+    for k in range(first, k_all):
         lp = xs[k] - lse
         p = jnp.exp(lp)
         t = _channel_target(labels, k)
-        uk, vk = u[:, k - c0, None], v[:, k - c0, None]
-        h = _mix(t, p * (uk - vk) - a_ce * organ_weight(k) * beta, -p * vk)
-        q = _mix(t, 0.0, a_ce * organ_weight(k) * (1.0 - beta))
-        s = s + h + jnp.where(lp > _LOG_HALF, 0.0, q * p / (1.0 - p))
+        if has_dice and k >= c0:
+            uk, vk = u[:, k, None], v[:, k, None]
+            s = s + p * _mix(t, uk - vk, -vk)
+        if has_ce and k >= ce0:
+            s = s - _mix(t, a_ce * class_weight(k) * beta, 0.0)
+            if has_q:
+                q = _mix(t, 0.0, a_ce * class_weight(k) * (1.0 - beta))
+                s = s + jnp.where(lp > _LOG_HALF, 0.0, q * p / (1.0 - p))
     if mask is not None:
         s = s * mask
     s = _computed_once(s, _ones_like_voxels(x))
@@ -250,19 +299,25 @@ def _combo_bwd(options, residuals, g):
 
     classes = jnp.arange(k_all)
     t = labels[..., None] == classes if labels.ndim == 2 else labels
-    cw = jnp.where(classes >= c0, 1.0 if weights is None else weights, 0.0).astype(x.dtype)
-    u_full = jnp.pad(u, ((0, 0), (c0, 0)))[:, None, :]
-    v_full = jnp.pad(v, ((0, 0), (c0, 0)))[:, None, :]
+    ce_w = a_ce * jnp.where(classes >= ce0, 1.0 if weights is None else weights, 0.0).astype(x.dtype)
     lp = x - voxel(lse)
     p = jnp.exp(lp)
-    h = _mix(t, p * (u_full - v_full) - a_ce * cw * beta, -p * v_full)
-    qk = _mix(t, 0.0, a_ce * cw * (1.0 - beta))
+    h = jnp.zeros_like(x)
+    if has_dice:
+        h = p * _mix(t, (u - v)[:, None, :], -v[:, None, :])
+    if has_ce:
+        h = h - _mix(t, ce_w * beta, 0.0)
     if mask is not None:
-        h, qk = h * voxel(mask), qk * voxel(mask)
-    is_hi = lp > _LOG_HALF
-    odds = p / (1.0 - jnp.where(is_hi, 0.0, p))
-    dx = g * (h - p * voxel(s) + jnp.where(is_hi, qk * p, qk * odds - jnp.exp(x + voxel(log_qa))))
-    return dx, None, None, None
+        h = h * voxel(mask)
+    dx = h - p * voxel(s)
+    if has_q:
+        qk = _mix(t, 0.0, ce_w * (1.0 - beta))
+        if mask is not None:
+            qk = qk * voxel(mask)
+        is_hi = lp > _LOG_HALF
+        odds = p / (1.0 - jnp.where(is_hi, 0.0, p))
+        dx = dx + jnp.where(is_hi, qk * p, qk * odds - jnp.exp(x + voxel(log_qa)))
+    return g * dx, None, None, None
 
 
 combo_softmax.defvjp(_combo_fwd, _combo_bwd)

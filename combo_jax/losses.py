@@ -359,15 +359,21 @@ def soft_dice(
 # --------------------------------------------------------------------------------------------------
 
 
-def _fused_softmax(x, t, ids, mask, weights, *, alpha, beta, smooth, c0, batch_dice):
-    """The softmax Combo loss through :mod:`combo_jax._fused` (same math, hand-derived gradient).
+def _fused_softmax(
+    x, t, ids, mask, weights, *, ce_weight, dice_weight, beta, smooth, c0, ce_c0, batch_dice, ce_over_valid_labels=False
+):
+    """``ce_weight * L_wce - dice_weight * mean Dice`` through :mod:`combo_jax._fused` (hand-derived gradient).
 
-    Labels and class weights are constants of the loss: no gradient flows to them.
+    The cross-entropy spans channels ``ce_c0:`` and Dice channels ``c0:``. Labels and class weights are
+    constants of the loss: no gradient flows to them.
     """
     labels = jax.lax.stop_gradient(ids if ids is not None else t)
     if weights is not None:
         weights = jax.lax.stop_gradient(weights)
-    options = _fused.ComboOptions(float(alpha), float(beta), float(smooth), c0, bool(batch_dice))
+    options = _fused.ComboOptions(
+        float(ce_weight), float(dice_weight), float(beta), float(smooth), c0, ce_c0, bool(batch_dice),
+        bool(ce_over_valid_labels),
+    )
     return _fused.combo_softmax(x, labels, None if mask is None else mask[..., 0], weights, options)
 
 
@@ -427,7 +433,8 @@ def weighted_cross_entropy(
     c0 = _first_channel(activation, include_background)
     if activation == "softmax":
         # alpha = 1: the Combo loss is its cross-entropy term alone.
-        return _fused_softmax(x, t, ids, mask, weights, alpha=1.0, beta=beta, smooth=1.0, c0=c0, batch_dice=False)
+        return _fused_softmax(x, t, ids, mask, weights, ce_weight=1.0, dice_weight=0.0, beta=beta, smooth=1.0,
+                              c0=c0, ce_c0=c0, batch_dice=False)
     _, lp, l1m = _log_probs(x, activation)
     w = None if weights is None else weights[c0:]
     total = _weighted_ce_sum(lp[..., c0:], l1m[..., c0:], t[..., c0:], mask, beta, w)
@@ -502,9 +509,8 @@ def combo_loss(
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     c0 = _first_channel(activation, include_background)
     if activation == "softmax":
-        return _fused_softmax(
-            x, t, ids, mask, weights, alpha=alpha, beta=beta, smooth=smooth, c0=c0, batch_dice=batch_dice
-        )
+        return _fused_softmax(x, t, ids, mask, weights, ce_weight=alpha, dice_weight=1.0 - alpha, beta=beta,
+                              smooth=smooth, c0=c0, ce_c0=c0, batch_dice=batch_dice)
     num_organs = x.shape[-1] - c0
     p, lp, l1m = _log_probs(x, activation)
     p, lp, l1m, t = p[..., c0:], lp[..., c0:], l1m[..., c0:], t[..., c0:]
@@ -525,7 +531,7 @@ def combo_loss(
 
 
 def _region_inputs(fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr):
-    """Checks and prepares the inputs of a region loss; returns ``(x, p, t, mask, c0)`` over all channels."""
+    """Checks and prepares the inputs of a region loss; returns ``(x, p, t, mask, c0, ids)`` over all channels."""
     _check_nonnegative(fn, "smooth_nr", smooth_nr)
     _check_nonnegative(fn, "smooth_dr", smooth_dr)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
@@ -534,7 +540,13 @@ def _region_inputs(fn, logits, labels, activation, include_background, where, ig
         raise ValueError(
             f"{fn}: include_background=False leaves no channel with logits of shape {jnp.shape(logits)}"
         )
-    return x, _probs(x, activation), t, mask, c0
+    return x, _probs(x, activation), t, mask, c0, ids
+
+
+def _dice_fusable(activation, smooth_nr, smooth_dr, squared_pred, jaccard, class_weights, reduction) -> bool:
+    """Whether a Dice (+ cross-entropy) loss is the fused Combo form: ``1 - mean D`` with one smoothing term."""
+    return (activation == "softmax" and smooth_nr == smooth_dr and not squared_pred and not jaccard
+            and class_weights is None and reduction == "mean")
 
 
 def _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice):
@@ -596,9 +608,13 @@ def dice_loss(
     """
     fn = "dice_loss"
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    x, p, t, mask, c0 = _region_inputs(
+    x, p, t, mask, c0, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
+    if _dice_fusable(activation, smooth_nr, smooth_dr, squared_pred, jaccard, class_weights, reduction):
+        # 1 - mean D, with the hand-derived gradient of the Combo loss's Dice term.
+        return 1.0 + _fused_softmax(x, t, ids, mask, None, ce_weight=0.0, dice_weight=1.0, beta=1.0,
+                                    smooth=smooth_nr, c0=c0, ce_c0=0, batch_dice=batch_dice)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
     return _reduce(fn, loss, reduction)
@@ -634,7 +650,7 @@ def generalized_dice_loss(
     fn = "generalized_dice_loss"
     _check_choice(fn, "w_type", w_type, GDL_WEIGHT_TYPES)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    _, p, t, mask, c0 = _region_inputs(
+    _, p, t, mask, c0, _ = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     p, t = p[..., c0:], t[..., c0:]
@@ -686,7 +702,7 @@ def tversky_loss(
     _check_nonnegative(fn, "alpha", alpha)
     _check_nonnegative(fn, "beta", beta)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    _, p, t, mask, c0 = _region_inputs(
+    _, p, t, mask, c0, _ = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     p, t = p[..., c0:], t[..., c0:]
@@ -809,9 +825,18 @@ def dice_ce_loss(
     _check_unit_interval(fn, "label_smoothing", label_smoothing)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"{fn}: unknown reduction {reduction!r}; expected 'mean' or 'sum'")
-    x, p, t, mask, c0 = _region_inputs(
+    x, p, t, mask, c0, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
+    if label_smoothing == 0.0 and _dice_fusable(
+        activation, smooth_nr, smooth_dr, squared_pred, jaccard, class_weights, reduction
+    ):
+        # lambda_dice (1 - mean D) + lambda_ce CE, where CE = K L_wce at beta = 1 over all K channels: the fused
+        # Combo form with ce_weight = K lambda_ce and dice_weight = lambda_dice.
+        return lambda_dice + _fused_softmax(
+            x, t, ids, mask, None, ce_weight=x.shape[-1] * lambda_ce, dice_weight=lambda_dice, beta=1.0,
+            smooth=smooth_nr, c0=c0, ce_c0=0, batch_dice=batch_dice, ce_over_valid_labels=True,
+        )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     d_loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
     d_loss = _reduce(fn, d_loss, reduction)

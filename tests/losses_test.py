@@ -275,6 +275,23 @@ def test_value_and_gradient_match_torch_reference(name, data):
 
 
 @requires_torch
+@pytest.mark.parametrize("name", ["dice_loss", "dice_ce_loss"])
+@hypothesis.given(data=st.data())
+def test_fused_dice_forms_match_torch_reference(name, data):
+    """dice_loss and dice_ce_loss take the fused Combo path when their options allow (softmax, one smoothing
+    term, no squared or Jaccard form, no class weights, mean): that path against the reference, on every
+    label kind, mask, ignore_index, batch Dice and background choice."""
+    case = data.draw(cases(name), label="case")
+    hypothesis.assume(case.activation == "softmax")
+    options = dict(case.options, squared_pred=False, jaccard=False, class_weights=None, reduction="mean")
+    options["smooth_dr"] = options["smooth_nr"]
+    if name == "dice_ce_loss":
+        options["label_smoothing"] = 0.0
+    x, labels, where, ignore_index, rng = case.arrays()
+    _check_against_reference(name, case.activation, x, labels, where, ignore_index, options, rng, case.dtype)
+
+
+@requires_torch
 @hypothesis.given(
     batch=st.integers(1, 3),
     spatial=st.lists(st.integers(1, 6), min_size=1, max_size=3),
