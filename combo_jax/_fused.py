@@ -25,8 +25,10 @@ and ``h_reg_k`` collects the rest:
 
     h_reg_k = w [-A c_k beta t_k + p_k (U_k t_k - V_k)],    q_k = A w c_k (1 - beta)(1 - t_k),
 
-with ``A = alpha / (N |C|)``, the Dice coefficients ``U = -(1 - alpha) c 2 / den / (n_b |C|)`` and
-``V = -(1 - alpha) c num / den^2 / (n_b |C|)``, ``w`` the voxel mask and ``c`` the class weights. At most one
+with ``A = alpha / (N |C|)``, ``U = dL/dI`` and ``V = -dL/dP`` the derivatives of the region term with
+respect to the per-class sums ``I = sum p t`` and ``P = sum p`` (for the Combo loss's Dice,
+``U = -(1 - alpha) c 2 / den / (n_b |C|)`` and ``V = -(1 - alpha) c num / den^2 / (n_b |C|)``), ``w`` the voxel
+mask and ``c`` the class weights. At most one
 channel ``a`` per voxel has ``p_a > 1/2``; its odds can be huge (``p_a`` near 1), so its part is rewritten
 with ``r = 1 - p_a`` computed from the other channels (never ``1 - p_a`` by subtraction):
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -52,23 +55,28 @@ _LOG_HALF = math.log(0.5)
 
 
 class ComboOptions(NamedTuple):
-    """Static options: the loss is ``ce_weight * L_wce - dice_weight * mean_k D_k``.
+    """Static options: the loss is ``ce_weight * L_wce + region_weight * region(I, P, T, weights)``.
 
-    ``L_wce`` spans channels ``ce_first_channel:`` and ``D`` channels ``first_channel:``. The Combo loss has
-    ``ce_weight = alpha``, ``dice_weight = 1 - alpha`` and one first channel; its cross-entropy term alone has
-    ``dice_weight = 0``; MONAI-style Dice + cross-entropy has ``beta = 1`` and a cross-entropy over all
+    ``L_wce`` spans channels ``ce_first_channel:``. ``region`` maps the per-class sums over the spatial axis
+    of channels ``first_channel:`` -- intersection ``I = sum p t``, ``P = sum p``, ``T = sum t``, each
+    (B, |C|), or (|C|,) summed over the batch too with ``batch_dice`` -- and the (K,) class weights (or None)
+    to a scalar: ``-mean(D)`` for the Combo loss, ``mean(1 - D)`` for a Dice loss, a Tversky or generalized
+    Dice loss. Its gradient with respect to I and P is taken by autodiff on those small arrays.
+
+    The Combo loss has ``ce_weight = alpha``, ``region_weight = 1 - alpha``; its cross-entropy term alone has
+    ``region_weight = 0``; MONAI-style Dice + cross-entropy has ``beta = 1`` and a cross-entropy over all
     channels. A weight of 0 leaves its term out of the computation. ``ce_over_valid_labels`` averages the
     cross-entropy over the voxels whose integer label is in ``[0, K)`` only, as torch's cross-entropy does
     (otherwise such a voxel is a row of zeros, counted in the mean).
     """
 
     ce_weight: float
-    dice_weight: float
+    region_weight: float
     beta: float
-    smooth: float
     first_channel: int
     ce_first_channel: int
     batch_dice: bool
+    region: Callable | None
     ce_over_valid_labels: bool = False
 
 
@@ -129,7 +137,7 @@ def _voxel_stats(xs: list[jax.Array], ones: jax.Array):
 
 
 def _forward(x, labels, mask, weights, options: ComboOptions):
-    ce_weight, dice_weight, beta, smooth, c0, ce0, batch_dice, _ = options
+    ce_weight, dice_weight, beta, c0, ce0, batch_dice, region, _ = options
     batch, n, k_all = x.shape
     ones = _ones_like_voxels(x)
     xs = [x[..., k] for k in range(k_all)]
@@ -142,18 +150,15 @@ def _forward(x, labels, mask, weights, options: ComboOptions):
     else:
         count = jnp.asarray(batch * n, x.dtype)
     loss = jnp.zeros((), x.dtype)
-    num = den = log_qa = None
+    sums = log_qa = None
     if ce_weight != 0.0:
         ce_sum, log_qa = _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, ce0, beta,
                                          ce_weight / (count * (k_all - ce0)))
         loss = loss + ce_weight * ce_sum / (count * (k_all - ce0))
     if dice_weight != 0.0:
-        num, den = _dice_sums(xs, labels, mask, lse, c0, smooth, batch_dice)
-        dice = num / den
-        if weights is not None:
-            dice = dice * weights[c0:]
-        loss = loss - dice_weight * jnp.mean(dice)
-    return loss, (lse, log_qa, num, den, count)
+        sums = _region_sums(xs, labels, mask, lse, c0, batch_dice)
+        loss = loss + dice_weight * region(*sums, weights)
+    return loss, (lse, log_qa, sums, count)
 
 
 def _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, c0, beta, a_ce):
@@ -204,8 +209,8 @@ def _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, c0
     return -jnp.sum(_sum_root(ce, lse)), log_qa
 
 
-def _dice_sums(xs, labels, mask, lse, c0, smooth, batch_dice):
-    """Dice numerators and denominators of channels c0:, (B, |C|) or (|C|,), from the channel slices."""
+def _region_sums(xs, labels, mask, lse, c0, batch_dice):
+    """Sums of p t, p and t over voxels for channels c0:, (B, |C|) or (|C|,), from the channel slices."""
     k_all = len(xs)
     inter, psum, tsum = [], [], []
     for k in range(c0, k_all):
@@ -215,16 +220,11 @@ def _dice_sums(xs, labels, mask, lse, c0, smooth, batch_dice):
         t = _channel_target(labels, k)
         inter.append(jnp.sum(_mix(t, p, 0.0), axis=1))
         psum.append(jnp.sum(p, axis=1))
-        if mask is not None:
-            tsum.append(jnp.sum(_mix(t, mask, 0.0), axis=1))
-        elif t.dtype == jnp.bool_:
-            tsum.append(jnp.sum(t, axis=1, dtype=jnp.int32).astype(lse.dtype))
-        else:
-            tsum.append(jnp.sum(t, axis=1))
+        tsum.append(jnp.sum(_mix(t, 1.0 if mask is None else mask, 0.0), axis=1))
     inter, psum, tsum = (jnp.stack(v, axis=-1) for v in (inter, psum, tsum))  # (B, |C|)
     if batch_dice:
         inter, psum, tsum = (jnp.sum(v, axis=0) for v in (inter, psum, tsum))  # (|C|,)
-    return 2.0 * inter + smooth, psum + tsum + smooth
+    return inter, psum, tsum
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -247,8 +247,8 @@ def _combo_fwd(x, labels, mask, weights, options):
 
 
 def _combo_bwd(options, residuals, g):
-    ce_weight, dice_weight, beta, smooth, c0, ce0, batch_dice, _ = options
-    x, labels, mask, weights, (lse, log_qa, num, den, count) = residuals
+    ce_weight, dice_weight, beta, c0, ce0, batch_dice, region, _ = options
+    x, labels, mask, weights, (lse, log_qa, sums, count) = residuals
     batch, _, k_all = x.shape
     has_ce, has_dice = ce_weight != 0.0, dice_weight != 0.0
     has_q = log_qa is not None  # the (1 - beta) log(1 - p) terms
@@ -259,14 +259,13 @@ def _combo_bwd(options, residuals, g):
     def class_weight(k):
         return 1.0 if weights is None else weights[k]
 
-    # Dice coefficients U, V per (sample, channel), zero for the channels Dice leaves out.
+    # Region coefficients per (sample, channel): U = dL/dI and V = -dL/dP, zero for the channels left out.
     u = v = jnp.zeros((batch, k_all), x.dtype)
     if has_dice:
         num_organs = k_all - c0
-        n_dice = num_organs * (1 if batch_dice else batch)
-        organ_w = jnp.ones((num_organs,), x.dtype) if weights is None else weights[c0:]
-        u = -dice_weight * organ_w * 2.0 / den / n_dice  # (B, |C|) or (|C|,)
-        v = -dice_weight * organ_w * num / (den * den) / n_dice
+        inter, psum, tsum = sums
+        grad_i, grad_p = jax.grad(lambda i, p: region(i, p, tsum, weights), argnums=(0, 1))(inter, psum)
+        u, v = dice_weight * grad_i, -dice_weight * grad_p  # (B, |C|) or (|C|,)
         if batch_dice:
             u, v = jnp.broadcast_to(u, (batch, num_organs)), jnp.broadcast_to(v, (batch, num_organs))
         u, v = jnp.pad(u, ((0, 0), (c0, 0))), jnp.pad(v, ((0, 0), (c0, 0)))

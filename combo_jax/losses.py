@@ -276,12 +276,63 @@ def _dice_one_class(p, t, w, *, smooth_nr, smooth_dr, squared_pred, jaccard, bat
     axes = (0, 1) if batch_dice else 1
     inter = jnp.sum(p * t, axis=axes)
     if squared_pred:
-        denom = jnp.sum(p * p, axis=axes) + jnp.sum(t * t, axis=axes)
-    else:
-        denom = jnp.sum(p, axis=axes) + jnp.sum(t, axis=axes)
+        return _dice_ratio(inter, jnp.sum(p * p, axis=axes), jnp.sum(t * t, axis=axes), smooth_nr, smooth_dr, jaccard)
+    return _dice_ratio(inter, jnp.sum(p, axis=axes), jnp.sum(t, axis=axes), smooth_nr, smooth_dr, jaccard)
+
+
+def _dice_ratio(inter, psum, tsum, smooth_nr, smooth_dr, jaccard):
+    """Dice (or Jaccard) from the sums over voxels of p t, p (or p^2) and t (or t^2)."""
     if jaccard:
-        return (2.0 * inter + smooth_nr) / (2.0 * (denom - inter) + smooth_dr)
-    return (2.0 * inter + smooth_nr) / (denom + smooth_dr)
+        return (2.0 * inter + smooth_nr) / (2.0 * (psum + tsum - inter) + smooth_dr)
+    return (2.0 * inter + smooth_nr) / (psum + tsum + smooth_dr)
+
+
+def _region_sums_of(p, t, mask, c0, batch_dice):
+    """Sums over voxels (and the batch with ``batch_dice``) of p t, p and t for the channels ``c0:``."""
+    p, t = p[..., c0:], t[..., c0:]
+    if mask is not None:
+        p, t = p * mask, t * mask
+    axes = (0, 1) if batch_dice else 1
+    return jnp.sum(p * t, axis=axes), jnp.sum(p, axis=axes), jnp.sum(t, axis=axes)
+
+
+# Region terms as functions of the per-class sums (I, P, T) of the kept channels and the (K,) class weights:
+# the plain path computes the sums from probabilities, the fused softmax path (_fused.py) from the logits and
+# differentiates these functions with respect to I and P.
+
+
+def _combo_dice_region(inter, psum, tsum, weights, *, c0, smooth):
+    """The Combo loss's region term, ``-mean_k(c_k D_k)``."""
+    dice = _dice_ratio(inter, psum, tsum, smooth, smooth, False)
+    return -jnp.mean(dice if weights is None else dice * weights[c0:])
+
+
+def _dice_loss_region(inter, psum, tsum, weights, *, c0, smooth_nr, smooth_dr, jaccard, reduction):
+    """``w_k (1 - D_k)``, reduced."""
+    loss = 1.0 - _dice_ratio(inter, psum, tsum, smooth_nr, smooth_dr, jaccard)
+    return _reduce("dice_loss", loss if weights is None else loss * weights[c0:], reduction)
+
+
+def _tversky_region(inter, psum, tsum, weights, *, alpha, beta, smooth_nr, smooth_dr, reduction):
+    """``1 - (TP + S_nr) / (TP + alpha FP + beta FN + S_dr)`` with FP = P - I and FN = T - I, reduced."""
+    tversky = (inter + smooth_nr) / (inter + alpha * (psum - inter) + beta * (tsum - inter) + smooth_dr)
+    return _reduce("tversky_loss", 1.0 - tversky, reduction)
+
+
+def _generalized_dice_region(inter, psum, tsum, weights, *, w_type, smooth_nr, smooth_dr, reduction):
+    """Sudre et al.'s generalized Dice loss with class weights from the label volumes T, reduced."""
+    if w_type == "square":
+        w = 1.0 / (tsum * tsum)
+    elif w_type == "simple":
+        w = 1.0 / tsum
+    else:
+        w = jnp.ones_like(tsum)
+    finite = jnp.isfinite(w)
+    w = jnp.where(finite, w, 0.0)
+    w = jnp.where(finite, w, jnp.max(w, axis=-1, keepdims=True))
+    numer = 2.0 * jnp.sum(inter * w, axis=-1) + smooth_nr
+    loss = 1.0 - numer / (jnp.sum((psum + tsum) * w, axis=-1) + smooth_dr)
+    return _reduce("generalized_dice_loss", jnp.atleast_1d(loss), reduction)
 
 
 def _soft_dice_flat(p, t, mask, **options):
@@ -360,18 +411,20 @@ def soft_dice(
 
 
 def _fused_softmax(
-    x, t, ids, mask, weights, *, ce_weight, dice_weight, beta, smooth, c0, ce_c0, batch_dice, ce_over_valid_labels=False
+    x, t, ids, mask, weights, *, ce_weight, region_weight=0.0, region=None, beta=1.0, c0, ce_c0, batch_dice=False,
+    ce_over_valid_labels=False,
 ):
-    """``ce_weight * L_wce - dice_weight * mean Dice`` through :mod:`combo_jax._fused` (hand-derived gradient).
+    """``ce_weight * L_wce + region_weight * region(I, P, T, weights)`` through :mod:`combo_jax._fused`.
 
-    The cross-entropy spans channels ``ce_c0:`` and Dice channels ``c0:``. Labels and class weights are
-    constants of the loss: no gradient flows to them.
+    The cross-entropy spans channels ``ce_c0:`` and the region sums channels ``c0:`` (see
+    :class:`combo_jax._fused.ComboOptions`). Labels and class weights are constants of the loss: no gradient
+    flows to them.
     """
     labels = jax.lax.stop_gradient(ids if ids is not None else t)
     if weights is not None:
         weights = jax.lax.stop_gradient(weights)
     options = _fused.ComboOptions(
-        float(ce_weight), float(dice_weight), float(beta), float(smooth), c0, ce_c0, bool(batch_dice),
+        float(ce_weight), float(region_weight), float(beta), c0, ce_c0, bool(batch_dice), region,
         bool(ce_over_valid_labels),
     )
     return _fused.combo_softmax(x, labels, None if mask is None else mask[..., 0], weights, options)
@@ -433,8 +486,7 @@ def weighted_cross_entropy(
     c0 = _first_channel(activation, include_background)
     if activation == "softmax":
         # alpha = 1: the Combo loss is its cross-entropy term alone.
-        return _fused_softmax(x, t, ids, mask, weights, ce_weight=1.0, dice_weight=0.0, beta=beta, smooth=1.0,
-                              c0=c0, ce_c0=c0, batch_dice=False)
+        return _fused_softmax(x, t, ids, mask, weights, ce_weight=1.0, beta=beta, c0=c0, ce_c0=c0)
     _, lp, l1m = _log_probs(x, activation)
     w = None if weights is None else weights[c0:]
     total = _weighted_ce_sum(lp[..., c0:], l1m[..., c0:], t[..., c0:], mask, beta, w)
@@ -509,8 +561,9 @@ def combo_loss(
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     c0 = _first_channel(activation, include_background)
     if activation == "softmax":
-        return _fused_softmax(x, t, ids, mask, weights, ce_weight=alpha, dice_weight=1.0 - alpha, beta=beta,
-                              smooth=smooth, c0=c0, ce_c0=c0, batch_dice=batch_dice)
+        region = functools.partial(_combo_dice_region, c0=c0, smooth=smooth)
+        return _fused_softmax(x, t, ids, mask, weights, ce_weight=alpha, region_weight=1.0 - alpha, region=region,
+                              beta=beta, c0=c0, ce_c0=c0, batch_dice=batch_dice)
     num_organs = x.shape[-1] - c0
     p, lp, l1m = _log_probs(x, activation)
     p, lp, l1m, t = p[..., c0:], lp[..., c0:], l1m[..., c0:], t[..., c0:]
@@ -543,10 +596,9 @@ def _region_inputs(fn, logits, labels, activation, include_background, where, ig
     return x, _probs(x, activation), t, mask, c0, ids
 
 
-def _dice_fusable(activation, smooth_nr, smooth_dr, squared_pred, jaccard, class_weights, reduction) -> bool:
-    """Whether a Dice (+ cross-entropy) loss is the fused Combo form: ``1 - mean D`` with one smoothing term."""
-    return (activation == "softmax" and smooth_nr == smooth_dr and not squared_pred and not jaccard
-            and class_weights is None and reduction == "mean")
+def _region_fusable(activation: str, reduction: str, squared_pred: bool = False) -> bool:
+    """Whether a region loss can take the fused softmax path: a scalar of the sums of p t, p and t."""
+    return activation == "softmax" and reduction in ("mean", "sum") and not squared_pred
 
 
 def _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice):
@@ -611,11 +663,12 @@ def dice_loss(
     x, p, t, mask, c0, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    if _dice_fusable(activation, smooth_nr, smooth_dr, squared_pred, jaccard, class_weights, reduction):
-        # 1 - mean D, with the hand-derived gradient of the Combo loss's Dice term.
-        return 1.0 + _fused_softmax(x, t, ids, mask, None, ce_weight=0.0, dice_weight=1.0, beta=1.0,
-                                    smooth=smooth_nr, c0=c0, ce_c0=0, batch_dice=batch_dice)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
+    if _region_fusable(activation, reduction, squared_pred):
+        region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                                   jaccard=jaccard, reduction=reduction)
+        return _fused_softmax(x, t, ids, mask, weights, ce_weight=0.0, region_weight=1.0, region=region, c0=c0,
+                              ce_c0=c0, batch_dice=batch_dice)
     loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
     return _reduce(fn, loss, reduction)
 
@@ -650,28 +703,15 @@ def generalized_dice_loss(
     fn = "generalized_dice_loss"
     _check_choice(fn, "w_type", w_type, GDL_WEIGHT_TYPES)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    _, p, t, mask, c0, _ = _region_inputs(
+    x, p, t, mask, c0, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    p, t = p[..., c0:], t[..., c0:]
-    if mask is not None:
-        p, t = p * mask, t * mask
-    axes = (0, 1) if batch_dice else 1
-    inter = jnp.sum(p * t, axis=axes)
-    denom = jnp.sum(p, axis=axes) + jnp.sum(t, axis=axes)
-    ground = jnp.sum(t, axis=axes)
-    if w_type == "square":
-        w = 1.0 / (ground * ground)
-    elif w_type == "simple":
-        w = 1.0 / ground
-    else:
-        w = jnp.ones_like(ground)
-    finite = jnp.isfinite(w)
-    w = jnp.where(finite, w, 0.0)
-    w = jnp.where(finite, w, jnp.max(w, axis=-1, keepdims=True))
-    numer = 2.0 * jnp.sum(inter * w, axis=-1) + smooth_nr
-    loss = 1.0 - numer / (jnp.sum(denom * w, axis=-1) + smooth_dr)
-    return _reduce(fn, jnp.atleast_1d(loss), reduction)
+    region = functools.partial(_generalized_dice_region, w_type=w_type, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                               reduction=reduction)
+    if _region_fusable(activation, reduction):
+        return _fused_softmax(x, t, ids, mask, None, ce_weight=0.0, region_weight=1.0, region=region, c0=c0,
+                              ce_c0=c0, batch_dice=batch_dice)
+    return region(*_region_sums_of(p, t, mask, c0, batch_dice), None)
 
 
 def tversky_loss(
@@ -702,18 +742,15 @@ def tversky_loss(
     _check_nonnegative(fn, "alpha", alpha)
     _check_nonnegative(fn, "beta", beta)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    _, p, t, mask, c0, _ = _region_inputs(
+    x, p, t, mask, c0, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    p, t = p[..., c0:], t[..., c0:]
-    if mask is not None:
-        p, t = p * mask, t * mask
-    axes = (0, 1) if batch_dice else 1
-    tp = jnp.sum(p * t, axis=axes)
-    fp = jnp.sum(p * (1.0 - t), axis=axes)
-    fn_ = jnp.sum((1.0 - p) * t, axis=axes)
-    loss = 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn_ + smooth_dr)
-    return _reduce(fn, loss, reduction)
+    region = functools.partial(_tversky_region, alpha=alpha, beta=beta, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                               reduction=reduction)
+    if _region_fusable(activation, reduction):
+        return _fused_softmax(x, t, ids, mask, None, ce_weight=0.0, region_weight=1.0, region=region, c0=c0,
+                              ce_c0=c0, batch_dice=batch_dice)
+    return region(*_region_sums_of(p, t, mask, c0, batch_dice), None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,16 +865,18 @@ def dice_ce_loss(
     x, p, t, mask, c0, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    if label_smoothing == 0.0 and _dice_fusable(
-        activation, smooth_nr, smooth_dr, squared_pred, jaccard, class_weights, reduction
-    ):
-        # lambda_dice (1 - mean D) + lambda_ce CE, where CE = K L_wce at beta = 1 over all K channels: the fused
-        # Combo form with ce_weight = K lambda_ce and dice_weight = lambda_dice.
-        return lambda_dice + _fused_softmax(
-            x, t, ids, mask, None, ce_weight=x.shape[-1] * lambda_ce, dice_weight=lambda_dice, beta=1.0,
-            smooth=smooth_nr, c0=c0, ce_c0=0, batch_dice=batch_dice, ce_over_valid_labels=True,
-        )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
+    if label_smoothing == 0.0 and class_weights is None and reduction == "mean" and _region_fusable(
+        activation, reduction, squared_pred
+    ):
+        # lambda_dice mean(1 - D) + lambda_ce CE, with CE = K L_wce at beta = 1 over all K channels (torch's
+        # class-weighted mean and "sum" have other normalizers: those take the plain path).
+        region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                                   jaccard=jaccard, reduction=reduction)
+        return _fused_softmax(
+            x, t, ids, mask, None, ce_weight=x.shape[-1] * lambda_ce, region_weight=lambda_dice, region=region,
+            c0=c0, ce_c0=0, batch_dice=batch_dice, ce_over_valid_labels=True,
+        )
     d_loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
     d_loss = _reduce(fn, d_loss, reduction)
     int_labels = jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer)

@@ -275,18 +275,20 @@ def test_value_and_gradient_match_torch_reference(name, data):
 
 
 @requires_torch
-@pytest.mark.parametrize("name", ["dice_loss", "dice_ce_loss"])
+@pytest.mark.parametrize("name", ["dice_loss", "dice_ce_loss", "tversky_loss", "generalized_dice_loss"])
 @hypothesis.given(data=st.data())
-def test_fused_dice_forms_match_torch_reference(name, data):
-    """dice_loss and dice_ce_loss take the fused Combo path when their options allow (softmax, one smoothing
-    term, no squared or Jaccard form, no class weights, mean): that path against the reference, on every
-    label kind, mask, ignore_index, batch Dice and background choice."""
+def test_fused_region_losses_match_torch_reference(name, data):
+    """With softmax and a scalar reduction these losses take the fused path (their region term as a function
+    of the per-class sums, differentiated by autodiff, the rest hand-derived): that path against the reference
+    on every label kind, mask, ignore_index, batch Dice and background choice."""
     case = data.draw(cases(name), label="case")
     hypothesis.assume(case.activation == "softmax")
-    options = dict(case.options, squared_pred=False, jaccard=False, class_weights=None, reduction="mean")
-    options["smooth_dr"] = options["smooth_nr"]
-    if name == "dice_ce_loss":
-        options["label_smoothing"] = 0.0
+    options = dict(case.options)
+    options["reduction"] = data.draw(st.sampled_from(("mean", "sum")), label="reduction")
+    if name in ("dice_loss", "dice_ce_loss"):
+        options["squared_pred"] = False
+    if name == "dice_ce_loss":  # torch's class-weighted mean and sums have their own normalizers
+        options.update(label_smoothing=0.0, class_weights=None, reduction="mean")
     x, labels, where, ignore_index, rng = case.arrays()
     _check_against_reference(name, case.activation, x, labels, where, ignore_index, options, rng, case.dtype)
 
