@@ -1,8 +1,9 @@
 """Forward+backward time of combo_jax.combo_loss against the PyTorch peers, in one process, same inputs.
 
 Peers: MONAI DiceCELoss(softmax=True, to_onehot_y=True), our PyTorch reference combo_loss eagerly and under
-torch.compile. Also the MONAI-semantics pair: combo_jax dice_ce_loss against DiceCELoss and dice_loss against
-MONAI DiceLoss(softmax=True, to_onehot_y=True), each with its defaults. Runs on the GPU when JAX and torch
+torch.compile. Also each MONAI region loss against ours with the same semantics, all with their defaults and
+softmax=True, to_onehot_y=True: DiceCELoss / dice_ce_loss, DiceLoss / dice_loss, GeneralizedDiceLoss /
+generalized_dice_loss, TverskyLoss / tversky_loss. Runs on the GPU when JAX and torch
 both see one, else on the CPU. Prints a ratio table (time / the MONAI peer's time) and writes JSON.
 
     python benchmarks/losses.py                      # the issue's CPU shapes
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -53,10 +55,12 @@ def main() -> None:
             torch.cuda.synchronize()
         return out
 
-    from monai.losses import DiceCELoss, DiceLoss
+    import monai.losses
 
-    monai_loss = DiceCELoss(softmax=True, to_onehot_y=True)
-    monai_dice = DiceLoss(softmax=True, to_onehot_y=True)
+    # MONAI loss class -> our function with the same semantics (defaults on both sides).
+    pairs = {"DiceCELoss": "dice_ce_loss", "DiceLoss": "dice_loss", "GeneralizedDiceLoss": "generalized_dice_loss",
+             "TverskyLoss": "tversky_loss"}
+    monai_losses = {name: getattr(monai.losses, name)(softmax=True, to_onehot_y=True) for name in pairs}
     rows = []
     for shape_text in args.shapes.split(","):
         shape = parse_shape(shape_text)
@@ -79,11 +83,8 @@ def main() -> None:
 
             return step
 
-        peers = {
-            "MONAI DiceCELoss": torch_step(lambda: monai_loss(xt, yt1)),
-            "MONAI DiceLoss": torch_step(lambda: monai_dice(xt, yt1)),
-            "torch reference combo (eager)": torch_step(lambda: torch_losses.combo_loss(xt, yt)),
-        }
+        peers = {f"MONAI {name}": torch_step(functools.partial(module, xt, yt1)) for name, module in monai_losses.items()}
+        peers["torch reference combo (eager)"] = torch_step(lambda: torch_losses.combo_loss(xt, yt))
         if not args.no_compile:
             compiled = torch.compile(torch_losses.combo_loss)
             peers["torch reference combo (compile)"] = torch_step(lambda: compiled(xt, yt))
@@ -97,20 +98,21 @@ def main() -> None:
                 lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup
             )
         xj, yj = jnp.asarray(x_np), jnp.asarray(y_np)
-        for name in ("dice_ce_loss", "dice_loss"):
+        peer_of = {}
+        for monai_name, name in pairs.items():
             step = jax.jit(jax.value_and_grad(getattr(losses, name)))
-            timings[f"combo_jax {name} (float32)"] = median_ms(
-                lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup
-            )
+            impl = f"combo_jax {name} (float32)"
+            timings[impl] = median_ms(lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup)
+            peer_of[impl] = peer_of[f"MONAI {monai_name}"] = f"MONAI {monai_name}"
         for name, ms in timings.items():
-            peer = "MONAI DiceLoss" if "DiceLoss" in name or "dice_loss" in name else "MONAI DiceCELoss"
+            peer = peer_of.get(name, "MONAI DiceCELoss")
             rows.append({"shape": shape_text, "impl": name, "ms": round(ms, 3), "peer": peer,
                          "ratio_to_monai": round(ms / timings[peer], 3)})
 
     print(f"device: {device_name}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
-    print(f"{'shape':>18}  {'implementation':<36} {'ms':>9}  {'x peer':>7}  peer")
+    print(f"{'shape':>18}  {'implementation':<42} {'ms':>9}  {'x peer':>7}  peer")
     for row in rows:
-        print(f"{row['shape']:>18}  {row['impl']:<36} {row['ms']:>9.3f}  {row['ratio_to_monai']:>7.3f}  {row['peer']}")
+        print(f"{row['shape']:>18}  {row['impl']:<42} {row['ms']:>9.3f}  {row['ratio_to_monai']:>7.3f}  {row['peer']}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(
