@@ -137,7 +137,7 @@ def _voxel_stats(xs: list[jax.Array], ones: jax.Array):
 
 
 def _forward(x, labels, mask, weights, options: ComboOptions):
-    ce_weight, dice_weight, beta, c0, ce0, batch_dice, region, _ = options
+    ce_weight, region_weight, beta, c0, ce0, batch_dice, region, _ = options
     batch, n, k_all = x.shape
     ones = _ones_like_voxels(x)
     xs = [x[..., k] for k in range(k_all)]
@@ -155,9 +155,9 @@ def _forward(x, labels, mask, weights, options: ComboOptions):
         ce_sum, log_qa = _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, ce0, beta,
                                          ce_weight / (count * (k_all - ce0)))
         loss = loss + ce_weight * ce_sum / (count * (k_all - ce0))
-    if dice_weight != 0.0:
+    if region_weight != 0.0:
         sums = _region_sums(xs, labels, mask, lse, c0, batch_dice)
-        loss = loss + dice_weight * region(*sums, weights)
+        loss = loss + region_weight * region(*sums, weights)
     return loss, (lse, log_qa, sums, count)
 
 
@@ -247,12 +247,12 @@ def _combo_fwd(x, labels, mask, weights, options):
 
 
 def _combo_bwd(options, residuals, g):
-    ce_weight, dice_weight, beta, c0, ce0, batch_dice, region, _ = options
+    ce_weight, region_weight, beta, c0, ce0, batch_dice, region, _ = options
     x, labels, mask, weights, (lse, log_qa, sums, count) = residuals
     batch, _, k_all = x.shape
-    has_ce, has_dice = ce_weight != 0.0, dice_weight != 0.0
+    has_ce, has_region = ce_weight != 0.0, region_weight != 0.0
     has_q = log_qa is not None  # the (1 - beta) log(1 - p) terms
-    if not (has_ce or has_dice):
+    if not (has_ce or has_region):
         return jnp.zeros_like(x), None, None, None
     a_ce = ce_weight / (count * (k_all - ce0))
 
@@ -261,15 +261,15 @@ def _combo_bwd(options, residuals, g):
 
     # Region coefficients per (sample, channel): U = dL/dI and V = -dL/dP, zero for the channels left out.
     u = v = jnp.zeros((batch, k_all), x.dtype)
-    if has_dice:
+    if has_region:
         num_organs = k_all - c0
         inter, psum, tsum = sums
         grad_i, grad_p = jax.grad(lambda i, p: region(i, p, tsum, weights), argnums=(0, 1))(inter, psum)
-        u, v = dice_weight * grad_i, -dice_weight * grad_p  # (B, |C|) or (|C|,)
+        u, v = region_weight * grad_i, -region_weight * grad_p  # (B, |C|) or (|C|,)
         if batch_dice:
             u, v = jnp.broadcast_to(u, (batch, num_organs)), jnp.broadcast_to(v, (batch, num_organs))
         u, v = jnp.pad(u, ((0, 0), (c0, 0))), jnp.pad(v, ((0, 0), (c0, 0)))
-    first = min(c0 if has_dice else k_all, ce0 if has_ce else k_all)
+    first = min(c0 if has_region else k_all, ce0 if has_ce else k_all)
 
     # S = sum_k h_reg_k + sum_{k != a} q_k o_k per voxel, from the channel slices, stored once.
     xs = [x[..., k] for k in range(k_all)]
@@ -278,7 +278,7 @@ def _combo_bwd(options, residuals, g):
         lp = xs[k] - lse
         p = jnp.exp(lp)
         t = _channel_target(labels, k)
-        if has_dice and k >= c0:
+        if has_region and k >= c0:
             uk, vk = u[:, k, None], v[:, k, None]
             s = s + p * _mix(t, uk - vk, -vk)
         if has_ce and k >= ce0:
@@ -302,7 +302,7 @@ def _combo_bwd(options, residuals, g):
     lp = x - voxel(lse)
     p = jnp.exp(lp)
     h = jnp.zeros_like(x)
-    if has_dice:
+    if has_region:
         h = p * _mix(t, (u - v)[:, None, :], -v[:, None, :])
     if has_ce:
         h = h - _mix(t, ce_w * beta, 0.0)
