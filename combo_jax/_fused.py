@@ -137,12 +137,12 @@ def _voxel_stats(xs: list[jax.Array], ones: jax.Array):
 
 
 def _forward(x, labels, mask, weights, options: ComboOptions):
-    ce_weight, region_weight, beta, c0, ce0, batch_dice, region, _ = options
+    ce_weight, region_weight, beta, c0, ce0, batch_dice, region, ce_over_valid_labels = options
     batch, n, k_all = x.shape
     ones = _ones_like_voxels(x)
     xs = [x[..., k] for k in range(k_all)]
     lse, lse_rest, m, argmax = _voxel_stats(xs, ones)
-    if options.ce_over_valid_labels and labels.ndim == 2:
+    if ce_over_valid_labels and labels.ndim == 2:
         in_range = (labels >= 0) & (labels < k_all)
         count = jnp.maximum(jnp.sum(_mix(in_range, 1.0 if mask is None else mask, 0.0)), 1.0)
     elif mask is not None:
@@ -152,9 +152,9 @@ def _forward(x, labels, mask, weights, options: ComboOptions):
     loss = jnp.zeros((), x.dtype)
     sums = log_qa = None
     if ce_weight != 0.0:
-        ce_sum, log_qa = _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, ce0, beta,
-                                         ce_weight / (count * (k_all - ce0)))
-        loss = loss + ce_weight * ce_sum / (count * (k_all - ce0))
+        a_ce = ce_weight / (count * (k_all - ce0))
+        ce_sum, log_qa = _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, ce0, beta, a_ce)
+        loss = loss + a_ce * ce_sum
     if region_weight != 0.0:
         sums = _region_sums(xs, labels, mask, lse, c0, batch_dice)
         loss = loss + region_weight * region(*sums, weights)
@@ -190,11 +190,12 @@ def _cross_entropy(xs, labels, mask, weights, lse, lse_rest, m, argmax, ones, c0
     for k in range(c0, k_all):
         lp = xs[k] - lse
         t = _channel_target(labels, k)
-        is_hi = lp > _LOG_HALF
         if cross_only:
             term = _mix(t, lp, 0.0)
             ce = ce + (term if weights is None else weights[k] * term)
-        elif product_form:
+            continue
+        is_hi = lp > _LOG_HALF
+        if product_form:
             ce = ce + jnp.where(t, lp, 0.0)
             product = product * jnp.where(t | is_hi, 1.0, 1.0 - jnp.exp(lp))
             above_half = above_half | (is_hi & ~t)

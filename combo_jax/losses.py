@@ -287,13 +287,19 @@ def _dice_ratio(inter, psum, tsum, smooth_nr, smooth_dr, jaccard):
     return (2.0 * inter + smooth_nr) / (psum + tsum + smooth_dr)
 
 
-def _region_sums_of(p, t, mask, c0, batch_dice):
-    """Sums over voxels (and the batch with ``batch_dice``) of p t, p and t for the channels ``c0:``."""
+def _region_sums_of(p, t, mask, c0, batch_dice, squared=False):
+    """Sums over voxels (and the batch with ``batch_dice``) of p t, p and t for the channels ``c0:``.
+
+    With ``squared`` the second and third are the sums of p^2 and t^2 (MONAI's ``squared_pred``).
+    """
     p, t = p[..., c0:], t[..., c0:]
     if mask is not None:
         p, t = p * mask, t * mask
     axes = (0, 1) if batch_dice else 1
-    return jnp.sum(p * t, axis=axes), jnp.sum(p, axis=axes), jnp.sum(t, axis=axes)
+    inter = jnp.sum(p * t, axis=axes)
+    if squared:
+        return inter, jnp.sum(p * p, axis=axes), jnp.sum(t * t, axis=axes)
+    return inter, jnp.sum(p, axis=axes), jnp.sum(t, axis=axes)
 
 
 # Region terms as functions of the per-class sums (I, P, T) of the kept channels and the (K,) class weights:
@@ -560,22 +566,15 @@ def combo_loss(
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
     c0 = _first_channel(activation, include_background)
+    region = functools.partial(_combo_dice_region, c0=c0, smooth=smooth)
     if activation == "softmax":
-        region = functools.partial(_combo_dice_region, c0=c0, smooth=smooth)
         return _fused_softmax(x, t, ids, mask, weights, ce_weight=alpha, region_weight=1.0 - alpha, region=region,
                               beta=beta, c0=c0, ce_c0=c0, batch_dice=batch_dice)
-    num_organs = x.shape[-1] - c0
     p, lp, l1m = _log_probs(x, activation)
-    p, lp, l1m, t = p[..., c0:], lp[..., c0:], l1m[..., c0:], t[..., c0:]
     w = None if weights is None else weights[c0:]
-
-    ce = _weighted_ce_sum(lp, l1m, t, mask, beta, w) / (_valid_count(x, mask) * num_organs)
-    dice = _soft_dice_flat(
-        p, t, mask, smooth_nr=smooth, smooth_dr=smooth, squared_pred=False, jaccard=False, batch_dice=batch_dice
-    )
-    if w is not None:
-        dice = dice * w
-    return alpha * ce - (1.0 - alpha) * jnp.mean(dice)
+    ce = _weighted_ce_sum(lp[..., c0:], l1m[..., c0:], t[..., c0:], mask, beta, w)
+    ce = ce / (_valid_count(x, mask) * (x.shape[-1] - c0))
+    return alpha * ce + (1.0 - alpha) * region(*_region_sums_of(p, t, mask, c0, batch_dice), weights)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,22 +598,6 @@ def _region_inputs(fn, logits, labels, activation, include_background, where, ig
 def _region_fusable(activation: str, reduction: str, squared_pred: bool = False) -> bool:
     """Whether a region loss can take the fused softmax path: a scalar of the sums of p t, p and t."""
     return activation == "softmax" and reduction in ("mean", "sum") and not squared_pred
-
-
-def _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice):
-    """Weighted ``1 - D`` of the kept channels ``c0:``, shape (B, C) or (C,) with batch Dice."""
-    dice = _soft_dice_flat(
-        p[..., c0:],
-        t[..., c0:],
-        mask,
-        smooth_nr=smooth_nr,
-        smooth_dr=smooth_dr,
-        squared_pred=squared_pred,
-        jaccard=jaccard,
-        batch_dice=batch_dice,
-    )
-    loss = 1.0 - dice
-    return loss if weights is None else loss * weights[c0:]
 
 
 def dice_loss(
@@ -664,13 +647,12 @@ def dice_loss(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
+    region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard,
+                               reduction=reduction)
     if _region_fusable(activation, reduction, squared_pred):
-        region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                                   jaccard=jaccard, reduction=reduction)
         return _fused_softmax(x, t, ids, mask, weights, ce_weight=0.0, region_weight=1.0, region=region, c0=c0,
                               ce_c0=c0, batch_dice=batch_dice)
-    loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
-    return _reduce(fn, loss, reduction)
+    return region(*_region_sums_of(p, t, mask, c0, batch_dice, squared_pred), weights)
 
 
 GDL_WEIGHT_TYPES = ("square", "simple", "uniform")
@@ -866,19 +848,18 @@ def dice_ce_loss(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
+    region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard,
+                               reduction=reduction)
     if label_smoothing == 0.0 and class_weights is None and reduction == "mean" and _region_fusable(
         activation, reduction, squared_pred
     ):
         # lambda_dice mean(1 - D) + lambda_ce CE, with CE = K L_wce at beta = 1 over all K channels (torch's
         # class-weighted mean and "sum" have other normalizers: those take the plain path).
-        region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                                   jaccard=jaccard, reduction=reduction)
         return _fused_softmax(
             x, t, ids, mask, None, ce_weight=x.shape[-1] * lambda_ce, region_weight=lambda_dice, region=region,
             c0=c0, ce_c0=0, batch_dice=batch_dice, ce_over_valid_labels=True,
         )
-    d_loss = _dice_loss_terms(p, t, mask, weights, c0, smooth_nr, smooth_dr, squared_pred, jaccard, batch_dice)
-    d_loss = _reduce(fn, d_loss, reduction)
+    d_loss = region(*_region_sums_of(p, t, mask, c0, batch_dice, squared_pred), weights)
     int_labels = jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer)
     ce = _cross_entropy_flat(fn, x, t, mask, int_labels, activation, weights, label_smoothing, reduction)
     return lambda_dice * d_loss + lambda_ce * ce
