@@ -21,7 +21,7 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 
 # The main job: train the 2D phantom demo (resumes, or returns at once, if runs/demo holds a finished run).
 demo: $(STAMP)
-	$(PY) train.py --config configs/default.py --workdir runs/demo
+	$(PY) train.py --config default --workdir runs/demo
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest tests
@@ -37,9 +37,9 @@ bench: $(TEST_STAMP)
 
 # The loss study of docs/results.md on the phantom (about an hour on 2 CPU cores; resumes if interrupted).
 study: $(STAMP)
-	$(PY) -m combo_jax.experiments compare --config configs/study.py --seeds 2 --out results/phantom --parallel 2
-	$(PY) -m combo_jax.experiments sweep --config configs/study.py --param loss.beta --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
-	$(PY) -m combo_jax.experiments sweep --config configs/study.py --param loss.alpha --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
+	$(PY) -m combo_jax.experiments compare --config study --seeds 2 --out results/phantom --parallel 2
+	$(PY) -m combo_jax.experiments sweep --config study --param loss.beta --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
+	$(PY) -m combo_jax.experiments sweep --config study --param loss.alpha --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
 
 clean:
 	rm -rf $(VENV)
