@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip our PyTorch reference (eager and compiled); slow at many classes on a CPU")
     parser.add_argument("--out", default="benchmarks/results/losses.json")
     args = parser.parse_args()
 
@@ -97,8 +99,9 @@ def main() -> None:
             return step
 
         peers = {f"MONAI {name}": torch_step(functools.partial(module, xt, yt1)) for name, module in monai_losses.items()}
-        peers["torch reference combo (eager)"] = torch_step(lambda: torch_losses.combo_loss(xt, yt))
-        if not args.no_compile:
+        if not args.no_reference:
+            peers["torch reference combo (eager)"] = torch_step(lambda: torch_losses.combo_loss(xt, yt))
+        if not (args.no_compile or args.no_reference):
             compiled = torch.compile(torch_losses.combo_loss)
             peers["torch reference combo (compile)"] = torch_step(lambda: compiled(xt, yt))
         timings = {name: median_ms(fn, tsync, args.iters, args.warmup) for name, fn in peers.items()}
