@@ -687,12 +687,12 @@ def combo_loss(
     fn = "combo_loss"
     _check_combo_options(fn, alpha, beta, smooth, activation, reduction)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
-    weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
+    weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)  # checked against the logits here
     complement = not (_equals(alpha, 0.0) or _equals(beta, 1.0))  # the log(1 - p) terms weigh 0 otherwise
-    sums = _sums_of(x, t, ids, mask, activation, complement=complement)
-    terms = _combo_terms(sums, weights, alpha=alpha, beta=beta, smooth=smooth,
-                         first_channel=_first_channel(activation, include_background), batch_dice=batch_dice)
-    return _reduce(fn, terms, reduction)
+    return combo_loss_from_sums(_sums_of(x, t, ids, mask, activation, complement=complement), alpha=alpha,
+                                beta=beta, smooth=smooth, activation=activation,
+                                include_background=include_background, batch_dice=batch_dice,
+                                class_weights=weights, reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------------
