@@ -3,7 +3,7 @@
 Overlap metrics (Dice, precision, recall, false-positive and false-negative volume) come from confusion counts
 summed over every validation voxel: dataset-level numbers, not means of per-case ratios. Surface metrics (HD95,
 mean surface distance, normalized surface Dice) are computed per case on the host at the data's voxel spacing,
-after the device work for that case, and averaged over cases; a case where the organ is missing from exactly
+while the device predicts the next case, and averaged over cases; a case where the organ is missing from exactly
 one of prediction and truth has an infinite distance, which is left out of the mean and counted
 (``*_inf_cases``).
 """
@@ -17,23 +17,22 @@ from combo_jax.data.datasets import Data, make_loader
 from combo_jax.sharding import global_batch, to_host
 
 
-def predict_volume(config, apply_fn, params, image: np.ndarray, sharding) -> np.ndarray:
-    """Logits of one whole volume ``(*spatial, C)`` by sliding-window inference, windows split over the mesh.
+def make_predictor(config, apply_fn, mesh):
+    """The :class:`combo_jax.inference.DevicePredictor` of a real-volume config: ``config.eval.window`` and
+    ``overlap``, batches of ``config.train.eval_batch_size`` windows split over every device of ``mesh``."""
+    from combo_jax import inference
+
+    return inference.DevicePredictor(apply_fn, window=tuple(config.eval.window), overlap=config.eval.overlap,
+                                     batch_size=config.train.eval_batch_size, mesh=mesh)
+
+
+def predict_labels(config, predictor, params, image: np.ndarray):
+    """The label map of one whole volume ``(*spatial, C)``, pending on the device (``.get()`` waits for it).
 
     A 2D model on a 3D volume predicts it slice by slice along ``config.data.slice_axis``.
     """
-    import jax
-
-    from combo_jax import inference
-
-    def run(windows: np.ndarray) -> np.ndarray:
-        x = jax.make_array_from_callback(windows.shape, sharding, lambda index: windows[index])
-        return to_host(apply_fn(params, x))
-
-    options = dict(window=tuple(config.eval.window), overlap=config.eval.overlap, batch_size=config.train.eval_batch_size)
-    if config.data.spatial_dims == 2 and image.ndim == 4:
-        return inference.predict_slices(run, image, slice_axis=config.data.slice_axis, **options)
-    return inference.sliding_window_inference(run, image, **options)
+    slice_axis = config.data.slice_axis if config.data.spatial_dims == 2 and image.ndim == 4 else None
+    return predictor(params, image, slice_axis=slice_axis)
 
 
 def _case_counts(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -43,7 +42,8 @@ def _case_counts(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 def evaluate(config, data: Data, params, steps: dict, sharding, *, keep_predictions: int = 0):
     """Per-organ metrics of the validation split (see the module docstring), and up to ``keep_predictions``
-    (image, labels, prediction) triples for the report."""
+    (image, labels, prediction) triples for the report. ``steps``: ``"eval"`` (a jitted batch step, phantom) and
+    ``"predict"`` (a :class:`combo_jax.inference.DevicePredictor`, real volumes)."""
     k = len(data.class_names)
     counts = np.zeros((3, k), np.int64)
     volumes_ml = np.zeros((2, k))  # false-positive and false-negative volume, each case at its own voxel size
@@ -68,10 +68,14 @@ def evaluate(config, data: Data, params, steps: dict, sharding, *, keep_predicti
             for i in range(len(pred)):
                 add_case(None if images is None else images[i], labels[i], pred[i], data.spacing, case_counts[i])
     else:
-        for volume in data.val_volumes:
-            logits = predict_volume(config, steps["apply"], params, volume.image, sharding)
-            pred = np.argmax(logits, axis=-1).astype(np.int32)
-            add_case(volume.image, volume.labels, pred, volume.spacing, _case_counts(pred, volume.labels, k))
+        # The next volume is predicted on the device while the host computes the surface metrics of this one.
+        pending = None
+        for volume in [*data.val_volumes, None]:
+            launched = None if volume is None else (volume, predict_labels(config, steps["predict"], params, volume.image))
+            if pending is not None:
+                done, labels = pending[0], pending[1].get()
+                add_case(done.image, done.labels, labels, done.spacing, _case_counts(labels, done.labels, k))
+            pending = launched
     tp, fp, fn = counts
     summary = metrics.summarize(tp, fp, fn)
     for organ, row in summary["organs"].items():

@@ -277,3 +277,153 @@ def predict_slices(
     logits = _windowed_logits(apply_fn, slices, window=window, overlap=overlap, batch_size=batch_size,
                               weighting=weighting, num_classes=num_classes, pad_mode=pad_mode, fn=fn)
     return np.moveaxis(logits, 0, slice_axis)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the device: the same weighted mean, accumulated where the model runs.
+
+
+class DevicePredictor:
+    """Sliding-window inference on the device: only the image goes in and only the label map comes back.
+
+    The volume is tiled exactly as :func:`sliding_window_inference` tiles it (same starts, padding and Gaussian or
+    constant weights), but the windows are cut out, run through the model and added into the weighted sum on the
+    device, inside one jitted loop (``lax.scan`` over batches of ``batch_size`` windows). With a ``mesh``, every
+    batch of windows is split over the mesh's ``"data"`` axis, so all devices share the work; the image and the sum
+    are replicated. The label map is the argmax of the weighted sum (the division by the total weight, the same
+    for every class of a voxel, cannot change it); ``logits=True`` returns the weighted mean as well.
+
+    Args:
+      apply_fn: ``apply_fn(params, windows)`` mapping ``(batch_size, *window, C)`` to logits
+        ``(batch_size, *window, K)`` (a JAX function: it is traced into the loop).
+      window, overlap, weighting: as :func:`sliding_window_inference`.
+      batch_size: windows per model call; a multiple of the mesh's device count.
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis, or None (one device).
+
+    Call ``predictor(params, image, slice_axis=None)`` with an image ``(*spatial, C)`` (numpy): a model of the
+    image's spatial rank predicts it whole; a model of one rank fewer goes slice by slice along ``slice_axis``
+    (windows of all slices share batches). Returns the int32 label map ``(*spatial)``, or ``(labels, logits)``.
+    Programs are compiled once per padded image shape.
+    """
+
+    def __init__(self, apply_fn, *, window: Sequence[int], overlap: float = 0.5, batch_size: int = 4,
+                 weighting: str = "gaussian", mesh=None):
+        fn = "DevicePredictor"
+        self.window = _check_window(window, fn)
+        self.overlap = _check_overlap(overlap, fn)
+        if not (isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 1):
+            raise ValueError(f"{fn}: batch_size must be an integer >= 1, got {batch_size!r}")
+        if weighting not in _WEIGHTINGS:
+            raise ValueError(f"{fn}: weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+        devices = 1 if mesh is None else mesh.devices.size
+        if batch_size % devices:
+            raise ValueError(f"{fn}: batch_size={batch_size} must be a multiple of the mesh's {devices} devices")
+        self.apply_fn, self.batch_size, self.mesh = apply_fn, int(batch_size), mesh
+        self.weights = gaussian_importance(self.window) if weighting == "gaussian" else np.ones(self.window, np.float32)
+        self._compiled: dict = {}
+
+    def _program(self, padded_shape: tuple[int, ...], logits: bool):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        key = (padded_shape, logits)
+        if key in self._compiled:
+            return self._compiled[key]
+        window, weights, apply_fn = self.window, jnp.asarray(self.weights), self.apply_fn
+        channels = padded_shape[-1]
+        spread = None if self.mesh is None else NamedSharding(self.mesh, P("data"))
+
+        def run(params, image, tasks, valid):
+            def cut(task):
+                start = (task[0], *task[1:], 0)
+                return jax.lax.dynamic_slice(image, start, (1, *window, channels))[0]
+
+            def step(acc, batch):
+                task_batch, valid_batch = batch
+                windows = jax.vmap(cut)(task_batch)
+                if spread is not None:
+                    windows = jax.lax.with_sharding_constraint(windows, spread)
+                out = apply_fn(params, windows).astype(jnp.float32)
+                out = out * weights[..., None] * valid_batch.reshape((-1,) + (1,) * (out.ndim - 1))
+
+                def add(i, acc):
+                    start = (task_batch[i, 0], *task_batch[i, 1:], 0)
+                    size = (1, *window, out.shape[-1])
+                    return jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, start, size) + out[i][None], start)
+
+                return jax.lax.fori_loop(0, out.shape[0], add, acc), None
+
+            probe = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *window, channels), image.dtype))
+            acc = jnp.zeros((*image.shape[:-1], probe.shape[-1]), jnp.float32)
+            acc, _ = jax.lax.scan(step, acc, (tasks, valid))
+            labels = jnp.argmax(acc, axis=-1).astype(jnp.int32)
+            return (labels, acc) if logits else labels
+
+        self._compiled[key] = jax.jit(run)
+        return self._compiled[key]
+
+    def __call__(self, params, image, *, slice_axis: int | None = None, logits: bool = False):
+        import jax
+
+        fn = "DevicePredictor"
+        d = len(self.window)
+        image = np.asarray(image)
+        if image.ndim == d + 1:
+            stack = image[None]
+        elif image.ndim == d + 2 and slice_axis is not None:
+            rank = d + 1
+            if not (isinstance(slice_axis, (int, np.integer)) and -rank <= slice_axis < rank):
+                raise ValueError(f"{fn}: slice_axis must be a spatial axis of the image, got {slice_axis!r}")
+            slice_axis = int(slice_axis) % rank
+            stack = np.moveaxis(image, slice_axis, 0)
+        else:
+            raise ValueError(f"{fn}: image must have shape (*spatial, C) with {d} spatial axes (or {d + 1} and a "
+                             f"slice_axis, for a model of one rank fewer), got {image.shape}")
+        if min(image.shape) < 1:
+            raise ValueError(f"{fn}: image has an empty axis, shape {image.shape}")
+        padded, crop = _pad_to_window(stack, self.window, "constant")
+        starts = window_starts(padded.shape[1:-1], self.window, self.overlap)
+        tasks = np.asarray([(n, *s) for n in range(padded.shape[0]) for s in starts], np.int32)
+        count = len(tasks)
+        total = -(-count // self.batch_size) * self.batch_size
+        tasks = np.concatenate([tasks, np.repeat(tasks[:1], total - count, axis=0)])  # fillers weigh 0
+        valid = (np.arange(total) < count).astype(np.float32)
+        shape = (total // self.batch_size, self.batch_size)
+        program = self._program(padded.shape, logits)
+        inputs = [padded, tasks.reshape(*shape, d + 1), valid.reshape(shape)]
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
+            replicated = NamedSharding(self.mesh, P())
+            inputs = [jax.make_array_from_callback(x.shape, replicated, lambda index, x=x: x[index]) for x in inputs]
+        result = program(params, *inputs)
+        return _PendingLabels(result, crop, slice_axis if image.ndim == d + 2 else None, logits, self.weights,
+                              starts, padded.shape)
+
+
+class _PendingLabels:
+    """A label map still being computed on the device; ``get()`` waits for it (so the host can work meanwhile)."""
+
+    def __init__(self, result, crop, slice_axis, logits, weights, starts, padded_shape):
+        self.result, self.crop, self.slice_axis, self.logits = result, crop, slice_axis, logits
+        self.weights, self.starts, self.padded_shape = weights, starts, padded_shape
+
+    def _host(self, x):
+        arr = np.asarray(x.addressable_data(0)) if hasattr(x, "addressable_data") else np.asarray(x)
+        arr = arr[(slice(None), *self.crop)]
+        if self.slice_axis is None:
+            return arr[0]
+        return np.moveaxis(arr, 0, self.slice_axis)
+
+    def get(self):
+        if not self.logits:
+            return self._host(self.result)
+        labels, acc = self.result
+        total = np.zeros(self.padded_shape[1:-1], np.float32)
+        for start in self.starts:
+            total[tuple(slice(s, s + w) for s, w in zip(start, self.weights.shape))] += self.weights
+        mean = np.asarray(acc.addressable_data(0)) / total[None, ..., None]
+        return self._host(labels), self._host(mean)

@@ -113,8 +113,8 @@ def predict(workdir: str, inputs: str, output: str, *, checkpoint: str = "best",
 
     from combo_jax.checkpoints import load_run
     from combo_jax.data.datasets import volume_preprocessing
-    from combo_jax.evaluation import predict_volume
-    from combo_jax.sharding import data_sharding, make_mesh, replicated
+    from combo_jax.evaluation import make_predictor, predict_labels
+    from combo_jax.sharding import make_mesh, replicated
     from combo_jax.train_state import make_eval_steps
 
     cases = input_cases(inputs)
@@ -141,8 +141,7 @@ def predict(workdir: str, inputs: str, output: str, *, checkpoint: str = "best",
     preprocessing = volume_preprocessing(config)
     os.makedirs(output, exist_ok=True)
     mesh = make_mesh(devices)
-    apply = jax.jit(make_eval_steps(graphdef)["apply"], in_shardings=(replicated(mesh), data_sharding(mesh)),
-                    out_shardings=data_sharding(mesh))
+    predictor = make_predictor(config, make_eval_steps(graphdef)["apply"], mesh)
     params = jax.device_put(params, replicated(mesh))
     written, failed, outputs = [], {}, {}
     for case in cases:
@@ -153,8 +152,7 @@ def predict(workdir: str, inputs: str, output: str, *, checkpoint: str = "best",
             failed[case.image] = str(err)
             log(f"FAILED {case.image}: {err}")
             continue
-        logits = predict_volume(config, apply, params, volume.image, data_sharding(mesh))
-        labels = values[np.argmax(logits, axis=-1)]
+        labels = values[predict_labels(config, predictor, params, volume.image).get()]
         path = os.path.join(output, names[case.image])
         nifti.save_labels(path, labels, volume)
         written.append(path)

@@ -24,7 +24,7 @@ from combo_jax import distributed, reporting
 from combo_jax.checkpoints import Checkpoints
 from combo_jax.config import ConfigError, check_config, check_resume
 from combo_jax.data.datasets import make_data, make_loader
-from combo_jax.evaluation import evaluate
+from combo_jax.evaluation import evaluate, make_predictor
 from combo_jax.sharding import data_sharding, global_batch, make_mesh, replicated
 from combo_jax.train_state import init_state, make_eval_steps, make_loss_fn, make_train_step
 from combo_jax.workdir import WorkdirError, WorkdirLock, check_writable, write_text_atomic
@@ -116,8 +116,11 @@ def _train(config, workdir: str, data, devices, started: float, is_main: bool, s
     train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config)),
                          in_shardings=(params_sharding, batch_sharding), out_shardings=(params_sharding, params_sharding),
                          donate_argnums=(0,))
-    eval_steps = {name: jax.jit(fn, in_shardings=(params_sharding, batch_sharding), out_shardings=batch_sharding)
-                  for name, fn in make_eval_steps(graphdef).items()}
+    steps = make_eval_steps(graphdef)
+    eval_steps = {"eval": jax.jit(steps["eval"], in_shardings=(params_sharding, batch_sharding),
+                                  out_shardings=batch_sharding)}
+    if data.val_volumes is not None:  # whole volumes: sliding windows over every device, summed on the device
+        eval_steps["predict"] = make_predictor(config, steps["apply"], mesh)
 
     # 5. Restore the newest readable checkpoint (state and data position); record the config.
     checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, log=print if is_main else lambda *_: None)

@@ -220,3 +220,58 @@ def test_bad_arguments():
         inference.predict_slices(apply_fn, image, slice_axis=0, window=(4, 4))
     with pytest.raises(ValueError, match="sigma_scale"):
         inference.gaussian_importance((4, 4), sigma_scale=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the device.
+
+
+def _unet_apply(spatial_dims, in_channels, num_classes):
+    abstract = nnx.eval_shape(lambda: UNet(spatial_dims=spatial_dims, in_channels=in_channels,
+                                           num_classes=num_classes, features=(4, 8), rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(scale=0.5, size=a.shape), a.dtype), abstract_state)
+    return (lambda p, x: nnx.merge(graphdef, p)(x)), params
+
+
+@pytest.mark.parametrize("case", ["3d", "2d_slices", "smaller_than_window", "eight_devices"])
+def test_device_predictor_equals_the_host_computation(case):
+    rng = np.random.default_rng(4)
+    mesh = None
+    if case == "2d_slices":
+        apply, params = _unet_apply(2, 1, 3)
+        image, window, slice_axis = rng.normal(size=(12, 7, 10, 1)).astype(np.float32), (8, 8), 1
+    else:
+        apply, params = _unet_apply(3, 1, 3)
+        shape = (6, 5, 7, 1) if case == "smaller_than_window" else (13, 11, 9, 1)
+        image, window, slice_axis = rng.normal(size=shape).astype(np.float32), (8, 8, 8), None
+    batch = 2
+    if case == "eight_devices":
+        if jax.device_count() < 8:
+            pytest.skip("needs 8 (fake) devices")
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
+        batch = 8
+    predictor = inference.DevicePredictor(apply, window=window, overlap=0.5, batch_size=batch, mesh=mesh)
+    labels, mean = predictor(params, image, slice_axis=slice_axis, logits=True).get()
+    host_apply = jax.jit(apply)
+    options = dict(window=window, overlap=0.5, batch_size=batch)
+    if slice_axis is None:
+        expected = inference.sliding_window_inference(lambda w: host_apply(params, w), image, **options)
+    else:
+        expected = inference.predict_slices(lambda w: host_apply(params, w), image, slice_axis=slice_axis, **options)
+    assert labels.shape == image.shape[:-1] and labels.dtype == np.int32
+    np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-5)
+    agree = labels == np.argmax(expected, axis=-1)
+    assert agree.mean() > 0.999  # (ties aside) the same label map
+    # The label map alone, as evaluation and prediction use it.
+    np.testing.assert_array_equal(predictor(params, image, slice_axis=slice_axis).get(), labels)
+
+
+def test_device_predictor_arguments_are_checked():
+    apply, _ = _unet_apply(3, 1, 2)
+    with pytest.raises(ValueError, match="batch_size=3 must be a multiple of the mesh's 2 devices"):
+        inference.DevicePredictor(apply, window=(8, 8, 8), batch_size=3,
+                                  mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",)))
+    with pytest.raises(ValueError, match="image must have shape"):
+        inference.DevicePredictor(apply, window=(8, 8, 8))(None, np.zeros((8, 8, 1)))

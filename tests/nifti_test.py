@@ -199,8 +199,10 @@ def test_cache_hit_does_not_decode_nifti(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     pre = nifti.Preprocessing(modality="MRI", spacing=(1.0, 1.5, 4.0))
     first = nifti.load_case(case, pre, cache_dir=str(cache))
-    (cached,) = os.listdir(cache)  # one file, no temporary left behind
-    assert cached.startswith("c-") and cached.endswith(".npz")
+    (cached,) = os.listdir(cache)  # one folder, no temporary left behind
+    assert cached.startswith("c-") and sorted(os.listdir(cache / cached)) == [
+        "foreground.npz", "header.bin", "image.npy", "labels.npy", "meta.json"]
+    assert isinstance(first.image, np.memmap) and isinstance(first.labels, np.memmap)  # not read into memory
 
     def fail(*args, **kwargs):
         raise AssertionError("nibabel.load called on a cache hit")
@@ -212,6 +214,9 @@ def test_cache_hit_does_not_decode_nifti(tmp_path, monkeypatch):
     np.testing.assert_array_equal(second.affine, first.affine)
     assert second.spacing == first.spacing and second.original_shape == first.original_shape
     assert second.header.binaryblock == first.header.binaryblock
+    assert second.labels.dtype == np.uint8  # stored compactly
+    counts = np.bincount(np.asarray(second.labels).ravel(), minlength=3)
+    assert second.foreground["class_counts"].tolist() == counts[1:][counts[1:] > 0].tolist()
     # Another preprocessing, or a touched file, is a miss (which here reaches the failing nibabel.load).
     with pytest.raises(nifti.DatasetError, match="nibabel.load called on a cache hit"):
         nifti.load_case(case, nifti.Preprocessing(modality="CT", spacing=(1.0, 1.5, 4.0)), cache_dir=str(cache))
@@ -225,10 +230,11 @@ def test_unreadable_cache_file_is_recomputed(tmp_path):
     cache = tmp_path / "cache"
     nifti.load_case(case, MRI, cache_dir=str(cache))
     (path,) = [cache / f for f in os.listdir(cache)]
-    path.write_bytes(b"truncated")
+    (path / "image.npy").write_bytes(b"truncated")
     volume = nifti.load_case(case, MRI, cache_dir=str(cache))
     assert volume.image.shape == (2, 2, 2, 1)
-    assert path.read_bytes()[:2] == b"PK"  # rewritten as a zip (npz)
+    assert np.load(path / "image.npy").shape == (2, 2, 2, 1)  # rewritten
+    assert os.listdir(cache) == [path.name]
 
 
 # ----------------------------------------------------------------------------------------------

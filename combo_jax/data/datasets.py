@@ -75,6 +75,11 @@ def make_loader(source, *, batch_size: int, shuffle: bool, seed: int, num_epochs
     (``distributed.ProcessShareSampler``), so a step's global batch is the same for any number of processes.
     ``operations`` (grain transforms, e.g. patch sampling and augmentation) run on each record before batching.
     """
+    if worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller may have parsed none
+            flags.FLAGS.mark_as_parsed()
     order = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle, num_epochs=num_epochs, seed=seed)
     sampler = distributed.ProcessShareSampler(order, batch_size=batch_size, process_index=jax.process_index(),
                                               process_count=jax.process_count())
@@ -155,9 +160,9 @@ def volume_preprocessing(config):
 def _slab(volume, axis: int, start: int, stop: int, suffix: str):
     """Slices ``start:stop`` along ``axis`` of a volume, as a volume of its own (on its own, resampled grid)."""
     take = lambda a: np.take(a, np.arange(start, stop), axis=axis)  # noqa: E731
-    labels = take(volume.labels)
+    labels = take(volume.labels).astype(np.int32)
     return dataclasses.replace(volume, name=f"{volume.name}{suffix}", image=take(volume.image), labels=labels,
-                               original_shape=labels.shape, original_spacing=volume.spacing)
+                               original_shape=labels.shape, original_spacing=volume.spacing, foreground=None)
 
 
 def volume_cases(config):
@@ -190,6 +195,18 @@ def volume_cases(config):
     return info.cases, declared
 
 
+def _class_counts(volume, k: int) -> np.ndarray:
+    """Voxels of each class 0..k-1 of a volume; from its foreground index when it has one (a cached, memory-mapped
+    volume is not read for this)."""
+    index = getattr(volume, "foreground", None)
+    if index is None:
+        return np.bincount(np.asarray(volume.labels).ravel(), minlength=k)
+    counts = np.zeros(k, np.int64)
+    counts[index["classes"]] = index["class_counts"]
+    counts[0] = int(np.prod(volume.labels.shape)) - counts[1:].sum()
+    return counts
+
+
 def _make_volume_data(config) -> Data:
     """Real volumes (``config.data.name == "nifti"``): loaded, checked, preprocessed and cached up front."""
     from combo_jax.data import nifti, pipeline
@@ -199,7 +216,7 @@ def _make_volume_data(config) -> Data:
     volumes = nifti.load_dataset(cases, volume_preprocessing(config), label_ids=declared,
                                  cache_dir=d.cache_dir or default_cache_dir())
     k = len(d.organs) + 1
-    counts = sum(np.bincount(v.labels.ravel(), minlength=k) for v in volumes)
+    counts = sum(_class_counts(v, k) for v in volumes)
     absent = [f"{i} (organ {organ!r})" for organ, i, n in zip(d.organs, d.label_ids, counts[1:]) if n == 0]
     if absent:
         raise ConfigError(f"config.data.label_ids: {', '.join(absent)} occur(s) in no label file of the dataset "
@@ -225,7 +242,7 @@ def _make_volume_data(config) -> Data:
                               f"{len(volumes)} cases (or set config.data.val_slab for a single case)")
         train, val = volumes[: -d.num_val], volumes[-d.num_val:]
         description = f"{len(train)} training and {len(val)} validation cases from {d.root}"
-    val_counts = sum(np.bincount(v.labels.ravel(), minlength=k) for v in val)
+    val_counts = sum(_class_counts(v, k) for v in val)
     spacing = tuple(val[0].spacing)
     return Data(
         class_names=class_names(config),

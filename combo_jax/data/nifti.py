@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,7 @@ import scipy.ndimage
 # mismatch (a label drawn on another grid). Units: mm for the translation column, mm per voxel elsewhere.
 AFFINE_ATOL = 1e-3
 AFFINE_RTOL = 1e-5
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -411,6 +412,9 @@ class Volume:
     original_spacing: tuple[float, float, float]
     affine: np.ndarray
     header: Any
+    # For training: per foreground class present, its voxel count and up to FOREGROUND_SAMPLE coordinates
+    # (:func:`foreground_index`); computed when the volume is cached, so a memory-mapped volume is never read whole.
+    foreground: dict | None = None
 
     @property
     def resampled(self) -> bool:
@@ -527,44 +531,91 @@ def _cache_key(case: Case, preprocessing: Preprocessing, label_ids) -> str:
 
 def _cache_path(cache_dir: str, case: Case, key: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", case.name)[:80]
-    return os.path.join(cache_dir, f"{safe}-{key}.npz")
+    return os.path.join(cache_dir, f"{safe}-{key}")
 
 
-def _read_cache(path: str, name: str) -> Volume | None:
+FOREGROUND_SAMPLE = 10_000  # coordinates kept per class for the patch sampler's foreground oversampling
+
+
+def foreground_index(labels: np.ndarray, max_voxels: int = FOREGROUND_SAMPLE, *, seed: int = 0) -> dict:
+    """Per foreground class present: up to ``max_voxels`` random coordinates (fixed ``seed``) and its voxel count.
+
+    Returns ``{"classes": int32 (P,), "class_counts": int64 (P,), "class_voxels": tuple of P int32 (n_k, ndim)}``.
+    """
+    flat = np.asarray(labels).ravel()
+    fg = np.flatnonzero(flat)
+    values = flat[fg]
+    order = np.argsort(values, kind="stable")
+    fg, values = fg[order], values[order]
+    classes, starts, counts = np.unique(values, return_index=True, return_counts=True)
+    rng = np.random.default_rng(seed)
+    coords = []
+    for start, count in zip(starts, counts):
+        members = fg[start:start + count]
+        if count > max_voxels:
+            members = np.sort(rng.choice(members, max_voxels, replace=False))
+        coords.append(np.stack(np.unravel_index(members, labels.shape), axis=-1).astype(np.int32))
+    return {"classes": classes.astype(np.int32), "class_voxels": tuple(coords), "class_counts": counts.astype(np.int64)}
+
+
+def read_volume_cache(path: str, name: str) -> Volume | None:
+    """A cached volume (:func:`write_volume_cache`) with its arrays memory-mapped read-only, or None when the folder
+    is absent or unreadable. Nothing but the small metadata is read: a patch sampler reads only the patches it
+    draws, and the pages it touched stay in the page cache, not in the process."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            header_class = {"Nifti1Header": nib.Nifti1Header, "Nifti2Header": nib.Nifti2Header}[str(f["header_class"])]
-            return Volume(
-                name=name,
-                image=f["image"],
-                labels=f["labels"] if "labels" in f.files else None,
-                spacing=tuple(float(s) for s in f["spacing"]),
-                original_shape=tuple(int(s) for s in f["original_shape"]),
-                original_spacing=tuple(float(s) for s in f["original_spacing"]),
-                affine=f["affine"],
-                header=header_class(binaryblock=f["header"].tobytes()),
-            )
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        header_class = {"Nifti1Header": nib.Nifti1Header, "Nifti2Header": nib.Nifti2Header}[meta["header_class"]]
+        with open(os.path.join(path, "header.bin"), "rb") as f:
+            header = header_class(binaryblock=f.read())
+        image = np.load(os.path.join(path, "image.npy"), mmap_mode="r")
+        labels = foreground = None
+        if meta["has_labels"]:
+            labels = np.load(os.path.join(path, "labels.npy"), mmap_mode="r")
+            with np.load(os.path.join(path, "foreground.npz"), allow_pickle=False) as f:
+                classes = f["classes"]
+                foreground = {"classes": classes, "class_counts": f["class_counts"],
+                              "class_voxels": tuple(f[f"voxels_{i}"] for i in range(len(classes)))}
+        return Volume(name=name, image=image, labels=labels, spacing=tuple(meta["spacing"]),
+                      original_shape=tuple(meta["original_shape"]), original_spacing=tuple(meta["original_spacing"]),
+                      affine=np.asarray(meta["affine"], np.float64), header=header, foreground=foreground)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
-        return None  # absent or unreadable (e.g. a foreign file): recompute and overwrite
+        return None  # absent or unreadable (e.g. a half-deleted folder): recompute and overwrite
 
 
-def _write_cache(path: str, volume: Volume) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    arrays = dict(
-        image=volume.image, spacing=np.asarray(volume.spacing), original_shape=np.asarray(volume.original_shape),
-        original_spacing=np.asarray(volume.original_spacing), affine=volume.affine,
-        header=np.frombuffer(volume.header.binaryblock, np.uint8), header_class=np.asarray(type(volume.header).__name__),
-    )
-    if volume.labels is not None:
-        arrays["labels"] = volume.labels
+def write_volume_cache(path: str, volume: Volume) -> None:
+    """Stores a volume as a folder: ``image.npy``, ``labels.npy`` (the smallest integer type that holds them),
+    ``foreground.npz`` (:func:`foreground_index`), ``header.bin`` and ``meta.json``. Written into a temporary folder
+    and renamed, so a reader sees the old folder, none, or the complete new one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    os.makedirs(tmp)
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: readers see the old file, no file, or the complete new one
+        np.save(os.path.join(tmp, "image.npy"), np.ascontiguousarray(volume.image, np.float32))
+        meta = {"spacing": list(volume.spacing), "original_shape": list(volume.original_shape),
+                "original_spacing": list(volume.original_spacing), "affine": np.asarray(volume.affine).tolist(),
+                "header_class": type(volume.header).__name__, "has_labels": volume.labels is not None}
+        if volume.labels is not None:
+            labels = np.asarray(volume.labels)
+            top = int(labels.max()) if labels.size else 0
+            dtype = np.uint8 if top < 256 else np.int16 if top < 2**15 else np.int32
+            np.save(os.path.join(tmp, "labels.npy"), labels.astype(dtype))
+            index = volume.foreground or foreground_index(labels)
+            np.savez(os.path.join(tmp, "foreground.npz"), classes=index["classes"], class_counts=index["class_counts"],
+                     **{f"voxels_{i}": v for i, v in enumerate(index["class_voxels"])})
+        with open(os.path.join(tmp, "header.bin"), "wb") as f:
+            f.write(volume.header.binaryblock)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        if os.path.isdir(path):  # an unreadable old entry: moved aside, then removed
+            old = f"{path}.{uuid.uuid4().hex[:8]}.old"
+            os.rename(path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, path)
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_case(
@@ -577,10 +628,11 @@ def load_case(
     ``AFFINE_ATOL``/``AFFINE_RTOL``, integer values, only ``label_ids`` when given), remap them with
     ``preprocessing.label_map``, resample to ``preprocessing.spacing``, normalize.
 
-    ``cache_dir``: the preprocessed arrays are stored there as ``<name>-<key>.npz`` (written to a temporary
-    file, then renamed), ``key`` hashing the absolute paths, sizes and modification times of the case's files,
-    the preprocessing and ``label_ids``; a later call with the same key reads that file and decodes no NIfTI.
-    Only the header's 348/540-byte block is cached (NIfTI extensions are not).
+    ``cache_dir``: the preprocessed arrays are stored there in a folder ``<name>-<key>`` (:func:`write_volume_cache`,
+    written to a temporary folder, then renamed), ``key`` hashing the absolute paths, sizes and modification times
+    of the case's files, the preprocessing and ``label_ids``; a later call with the same key decodes no NIfTI and
+    reads nothing of the arrays: the volume it returns is memory-mapped (:func:`read_volume_cache`), as is the one
+    a first call returns. Only the header's 348/540-byte block is cached (NIfTI extensions are not).
     """
     key = path = None
     if cache_dir is not None:
@@ -589,7 +641,7 @@ def load_case(
                 raise DatasetError(f"{p}: file not found (case {case.name!r})")
         key = _cache_key(case, preprocessing, label_ids)
         path = _cache_path(cache_dir, case, key)
-        cached = _read_cache(path, case.name)
+        cached = read_volume_cache(path, case.name)
         if cached is not None:
             return cached
 
@@ -629,7 +681,8 @@ def load_case(
         header=img.header.copy(),
     )
     if path is not None:
-        _write_cache(path, volume)
+        write_volume_cache(path, volume)
+        return read_volume_cache(path, case.name)  # memory-mapped, like every later cache hit
     return volume
 
 

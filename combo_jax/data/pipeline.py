@@ -35,21 +35,52 @@ def _record_rng(rng, who: str) -> np.random.Generator:
     return rng
 
 
+class _Mapped:
+    """A memory-mapped ``.npy`` array by its file: opened on each use, so the pages a crop touched are released with
+    it (they stay in the page cache, not in the process), and pickled as the path (grain workers open it again)."""
+
+    def __init__(self, array: np.memmap):
+        self.filename, self.shape, self.dtype, self.offset = str(array.filename), array.shape, array.dtype, array.offset
+        self.order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+
+    def open(self) -> np.ndarray:
+        # np.memmap, not np.load: no .npy header to parse (CPython 3.11's parser is not safe in grain's reader
+        # threads: concurrent ast.literal_eval calls can fail with "AST constructor recursion depth mismatch").
+        return np.memmap(self.filename, self.dtype, mode="r", offset=self.offset, shape=self.shape, order=self.order)
+
+
+def _opened(array):
+    return array.open() if isinstance(array, _Mapped) else array
+
+
+def _whole_file(array) -> bool:
+    """Whether ``array`` is a memory-mapped ``.npy`` file as a whole (not a view or a copy of one)."""
+    if not isinstance(array, np.memmap) or not array.filename or not str(array.filename).endswith(".npy"):
+        return False
+    try:
+        mapped = np.load(array.filename, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return mapped.shape == array.shape and mapped.dtype == array.dtype and array.offset == mapped.offset
+
+
 class VolumeSource:
     """A grain random-access source over preprocessed volumes.
 
     ``volumes``: objects with ``image`` ``(*spatial, C)``, ``labels`` ``(*spatial)`` (non-negative integers, not
-    None) and optionally ``name`` (e.g. :class:`combo_jax.data.nifti.Volume`), 2D or 3D, all with the same
-    number of channels.
+    None) and optionally ``name`` and ``foreground`` (:func:`combo_jax.data.nifti.foreground_index`; e.g.
+    :class:`combo_jax.data.nifti.Volume`), 2D or 3D, all with the same number of channels.
 
     ``num_records``: the source's length (default: one record per volume); record ``i`` is volume
     ``i % len(volumes)``, so a sampler over ``num_records`` records visits every volume equally often and an
     epoch can hold many patches of a few volumes.
 
-    For the patch sampler, each volume's foreground voxels are indexed once here: per class present, at most
+    For the patch sampler, each volume's foreground voxels are indexed: per class present, at most
     ``max_foreground_voxels`` coordinates chosen at random (fixed seed) among its voxels, plus the class's true
-    voxel count. Memory: the volumes' arrays (shared, not copied) plus at most ``classes x
-    max_foreground_voxels x ndim`` int32 per volume. The whole source is pickled into each grain worker process.
+    voxel count; a volume that brings its ``foreground`` index (a cached one does) is not read for it.
+    Memory-mapped volumes (the cache's, ``np.load(..., mmap_mode="r")``) are kept by file and opened per record,
+    so a process, grain workers included, holds only the patches it draws: the source pickles into each worker as
+    file names and small indexes. In-memory volumes are held (shared, not copied) and pickled whole.
 
     Records are dicts: ``image``, ``labels``, ``classes`` (int32 ``(P,)``, the foreground classes present),
     ``class_voxels`` (a tuple of ``P`` int32 arrays ``(n_k, ndim)`` of coordinates) and ``class_counts``
@@ -57,6 +88,8 @@ class VolumeSource:
     """
 
     def __init__(self, volumes: Sequence, *, num_records: int | None = None, max_foreground_voxels: int = 10_000):
+        from combo_jax.data.nifti import foreground_index
+
         if len(volumes) == 0:
             raise ValueError("VolumeSource: no volumes")
         if max_foreground_voxels < 1:
@@ -65,10 +98,11 @@ class VolumeSource:
         channels = None
         for i, volume in enumerate(volumes):
             name = getattr(volume, "name", None) or f"volume {i}"
-            image, labels = np.asarray(volume.image), volume.labels
+            image, labels = volume.image, volume.labels
             if labels is None:
                 raise ValueError(f"VolumeSource: {name} has no labels (a prediction-only case cannot be trained on)")
-            labels = np.asarray(labels)
+            image = image if _whole_file(image) else np.asarray(image)
+            labels = labels if _whole_file(labels) else np.asarray(labels)
             if labels.ndim not in (2, 3) or image.shape[:-1] != labels.shape:
                 raise ValueError(
                     f"VolumeSource: {name}: image {image.shape} must be (*spatial, C) over labels {labels.shape} "
@@ -77,19 +111,24 @@ class VolumeSource:
             if channels is not None and image.shape[-1] != channels:
                 raise ValueError(f"VolumeSource: {name} has {image.shape[-1]} channels, the first volume {channels}")
             channels = image.shape[-1]
-            if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+            if labels.dtype.kind not in "iu":
                 raise ValueError(f"VolumeSource: {name}: labels must be non-negative integers, got dtype {labels.dtype}")
-            self._records.append(
-                {"image": image.astype(np.float32, copy=False), "labels": labels.astype(np.int32, copy=False),
-                 "name": name, **_foreground_index(labels, max_foreground_voxels, seed=i)}
-            )
+            index = getattr(volume, "foreground", None)
+            if index is None:
+                if labels.size and labels.min() < 0:
+                    raise ValueError(f"VolumeSource: {name}: labels must be non-negative integers, found {labels.min()}")
+                index = foreground_index(labels, max_foreground_voxels, seed=i)
+            self._records.append({
+                "image": _Mapped(image) if _whole_file(image) else np.asarray(image, np.float32),
+                "labels": _Mapped(labels) if _whole_file(labels) else np.asarray(labels, np.int32),
+                "name": name, "shape": labels.shape, **index})
         self.num_records = len(self._records) if num_records is None else int(num_records)
         if self.num_records < 1:
             raise ValueError(f"VolumeSource: num_records must be positive, got {num_records}")
         self.max_foreground_voxels = max_foreground_voxels
         digest = hashlib.sha256()
         for r in self._records:
-            digest.update(f"{r['name']}|{r['image'].shape}|{r['class_counts'].tolist()};".encode())
+            digest.update(f"{r['name']}|{r['shape']}|{r['class_counts'].tolist()};".encode())
         self._fingerprint = digest.hexdigest()[:16]
 
     def __len__(self) -> int:
@@ -102,29 +141,11 @@ class VolumeSource:
 
     def __getitem__(self, index: int) -> dict:
         record = self._records[int(index) % len(self._records)]
-        return {k: v for k, v in record.items() if k != "name"}
+        return {k: _opened(v) for k, v in record.items() if k not in ("name", "shape")}
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(r["name"] for r in self._records)
-
-
-def _foreground_index(labels: np.ndarray, max_voxels: int, *, seed: int) -> dict:
-    """Per foreground class present: up to ``max_voxels`` random coordinates and the class's voxel count."""
-    flat = labels.ravel()
-    fg = np.flatnonzero(flat)
-    values = flat[fg]
-    order = np.argsort(values, kind="stable")
-    fg, values = fg[order], values[order]
-    classes, starts, counts = np.unique(values, return_index=True, return_counts=True)
-    rng = np.random.default_rng(seed)
-    coords = []
-    for start, count in zip(starts, counts):
-        members = fg[start:start + count]
-        if count > max_voxels:
-            members = np.sort(rng.choice(members, max_voxels, replace=False))
-        coords.append(np.stack(np.unravel_index(members, labels.shape), axis=-1).astype(np.int32))
-    return {"classes": classes.astype(np.int32), "class_voxels": tuple(coords), "class_counts": counts.astype(np.int64)}
 
 
 class PatchSampler(grain.transforms.RandomMap):
@@ -208,7 +229,7 @@ def _crop(image: np.ndarray, labels: np.ndarray, start, box) -> tuple[np.ndarray
         src.append(slice(a, b))
         dst.append(slice(a - s, b - s))
     out_image[tuple(dst)] = image[tuple(src)]
-    out_labels[tuple(dst)] = labels[tuple(src)]
+    out_labels[tuple(dst)] = labels[tuple(src)]  # cast to int32 (a cached label map may be stored as uint8)
     return out_image, out_labels
 
 
