@@ -249,6 +249,61 @@ def test_sweep_tables_targets_and_plot_from_hand_made_summaries(tmp_path):
         experiments.write_sweep(runs, out, param="loss.beta", values=values, default=default)
 
 
+def test_collapses_and_seed_by_seed_signs_from_hand_made_summaries(tmp_path):
+    out = str(tmp_path)
+    seeds = [0, 1, 2, 3, 4]
+    runs, _, default, values = experiments.plan_sweep(config=TINY, param="loss.beta", values=["0.1", "0.9"],
+                                                      seeds=seeds, out=out, sets={})
+    by = {(r.value, r.seed): r for r in runs}
+    # pancreas (1000 true voxels): FP rises from 0.1 to 0.9 in seeds 0-3 and is tied in seed 4; FN falls in
+    # seeds 0-2 and rises in 3-4. Seed 1 at beta 0.9 paints the adrenal (10001 > 10 x 1000 FP voxels);
+    # seed 2 at beta 0.1 misses it (recall 0.05); seed 3 at 0.9 has exactly 10x (not a collapse).
+    fp = {0.1: [100, 100, 100, 100, 100], 0.9: [200, 300, 400, 500, 100]}
+    fn = {0.1: [500, 500, 500, 500, 500], 0.9: [400, 300, 200, 600, 700]}
+    adrenal = {(0.9, 1): {"fp_voxels": 10001}, (0.1, 2): {"recall": 0.05}, (0.9, 3): {"fp_voxels": 10000}}
+    for (value, seed), run in by.items():
+        i = seeds.index(seed)
+        _write_summary(run, {"pancreas": _organ(fp_voxels=fp[value][i], fn_voxels=fn[value][i]),
+                             "adrenal": _organ(**adrenal.get((value, seed), {}))}, mean_fg_dice=0.8)
+    experiments.write_sweep(runs, out, param="loss.beta", values=values, default=default)
+
+    rows = _csv(tmp_path / "sweep_loss.beta.csv")
+    high = _row(rows, organ="adrenal", value="0.9")
+    assert (high["n_collapsed"], high["collapsed_seeds"], high["painted_seeds"], high["missed_seeds"]) == ("1", "1", "1", "")
+    low = _row(rows, organ="adrenal", value="0.1")
+    assert (low["n_collapsed"], low["missed_seeds"]) == ("1", "2")
+    assert _row(rows, organ="pancreas", value="0.9")["n_collapsed"] == "0"
+    assert _row(rows, organ="all", value="0.9")["collapsed_seeds"] == "1"
+
+    paired = _csv(tmp_path / "sweep_loss.beta_paired.csv")
+    pfp = _row(paired, organ="pancreas", metric="fp_ml")
+    assert (pfp["low"], pfp["high"], pfp["n_seeds"], pfp["n_higher"], pfp["n_lower"], pfp["n_tied"]) == ("0.1", "0.9", "5", "4", "0", "1")
+    assert float(pfp["p_higher"]) == pytest.approx(1 / 16)  # 4 of 4 untied seeds
+    assert float(pfp["mean_change"]) == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3 + 0.4 + 0) / 5 ml
+    pfn = _row(paired, organ="pancreas", metric="fn_ml")
+    assert (pfn["n_higher"], pfn["n_lower"]) == ("2", "3")
+    assert float(pfn["p_lower"]) == pytest.approx(16 / 32)  # P(X >= 3), X ~ Bin(5, 1/2)
+
+    md = (tmp_path / "sweep_loss.beta.md").read_text()
+    assert "| loss.beta = 0.1 | 1/5 | seed 2: adrenal missed |" in md
+    assert "| loss.beta = 0.9 | 1/5 | seed 1: adrenal painted |" in md
+    assert "## Seed by seed: loss.beta = 0.1 against 0.9" in md
+    line = next(x for x in md.splitlines() if x.startswith("| pancreas | 4/5 | 0.062 | ["))
+    lo, hi = (float(x) for x in line.split("[")[1].split("]")[0].split(","))
+    assert 0.0 <= lo < 0.2 < hi <= 0.4  # the mean change 0.2 ml lies inside its bootstrap interval
+    assert "| 3/5 | 0.500 |" in line  # FN falls in seeds 0-2
+    assert md.count("| 1/5 | combo_") == 2  # the "collapsed seeds" column of the overview
+
+    compare = experiments.plan_compare(config=TINY, losses=["combo", "dice"], seeds=[0, 1], out=out, sets={})
+    for run in compare:
+        painted = run.name == "combo_seed1"
+        _write_summary(run, {"pancreas": _organ(fp_voxels=20000 if painted else 50)}, mean_fg_dice=0.8)
+    experiments.write_compare(compare, out)
+    md = (tmp_path / "compare.md").read_text()
+    assert "| combo | 1/2 | seed 1: pancreas painted |" in md and "| dice | 0/2 | none |" in md
+    assert _row(_csv(tmp_path / "compare.csv"), loss="combo", organ="pancreas")["painted_seeds"] == "1"
+
+
 # --------------------------------------------------------------------------------------------------
 # The runner, with a stand-in for train.py (no jax: milliseconds per run)
 # --------------------------------------------------------------------------------------------------
