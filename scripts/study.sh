@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The loss study of docs/results.md: the phantom (5 seeds: 7 losses, beta and alpha sweeps) and the real CT
+# sample (3 seeds: 7 losses, beta 0.1 / 0.5 / 0.9). Every run is a train.py subprocess of the experiment
+# runner, so an interrupted study resumes where it stopped when the same command is run again.
+#
+#   scripts/study.sh [--gpu] [--python PY] [--ct-data DIR] [--archive FILE] OUT
+#
+# OUT receives OUT/phantom and OUT/totalseg_ct (tables, CSVs, plots, study.json; runs under */runs/). `make study`
+# runs it with OUT=results on the CPU.
+#
+# CPU (default): the five commands one after another, one training at a time (--parallel 1, every core to
+#   that run). Measured on a 2-core CPU: see docs/results.md (about 4 hours in all).
+# --gpu: one GPU shared by 16 trainings at once (the runner turns memory preallocation off when trainings share
+#   a GPU), the commands running side by side and one JAX compilation cache for all. Trainings of this size are
+#   bound by the host's CPU cores (16 on an H200 machine), not by the GPU. The sweeps first train their
+#   values other than the loss's own, which the comparison trains, and are then rerun with every value: that
+#   rerun trains nothing and writes the sweep tables.
+# --ct-data: the folder holding example_ct_sm.nii.gz and example_seg.nii.gz (default: the config's own,
+#   ../shared/data/totalsegmentator_ct). Runs with another data root are another configuration to the runner:
+#   keep them in another OUT.
+# --archive FILE: at the end, pack OUT's tables and each run's summary.json, report.md, metrics.jsonl and
+#   train.log (no checkpoints) into FILE (.tar.gz).
+# Missing Python packages (grain, ml_collections, nibabel, tensorboardX) are installed from ./.whl/*.whl when
+# that folder exists (see docs/results.md, "Running the study on a GPU machine").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GPU=0; PY=${PYTHON:-.venv/bin/python}; CT_DATA=""; ARCHIVE=""
+while [ $# -gt 1 ]; do
+  case "$1" in
+    --gpu) GPU=1; shift ;;
+    --python) PY=$2; shift 2 ;;
+    --ct-data) CT_DATA=$2; shift 2 ;;
+    --archive) ARCHIVE=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+OUT=${1:?usage: scripts/study.sh [--gpu] [--python PY] [--ct-data DIR] [--archive FILE] OUT}
+
+if ! "$PY" -c "import grain, ml_collections, nibabel, tensorboardX" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/study_site .whl/*.whl
+    export PYTHONPATH=/tmp/study_site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  "$PY" -c "import grain, ml_collections, nibabel, tensorboardX" || { echo "missing Python packages (see above)" >&2; exit 1; }
+fi
+
+SEEDS=5; CT_SEEDS=3
+VALUES=0.1,0.3,0.5,0.7,0.9; CT_BETAS=0.1,0.5,0.9
+CT_SET=(); [ -n "$CT_DATA" ] && CT_SET=(--set "data.root=$(cd "$CT_DATA" && pwd)")
+EXP=("$PY" -m combo_jax.experiments)
+export PYTHONUNBUFFERED=1
+started=$(date +%s)
+
+# The loss's own alpha and beta (the comparison's combo runs): left out of the sweeps' first pass on a GPU.
+own() { "$PY" -c "from combo_jax.training import loss_options; print(loss_options('combo')['$1'])"; }
+others() { "$PY" -c "import sys; own = float(sys.argv[2]); print(','.join(v for v in sys.argv[1].split(',') if float(v) != own))" "$1" "$2"; }
+
+phantom_compare=(compare --config configs/study.py --seeds $SEEDS --out "$OUT/phantom")
+phantom_beta=(sweep --config configs/study.py --param loss.beta --seeds $SEEDS --out "$OUT/phantom")
+phantom_alpha=(sweep --config configs/study.py --param loss.alpha --seeds $SEEDS --out "$OUT/phantom")
+ct_compare=(compare --config configs/totalseg_ct.py --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
+ct_beta=(sweep --config configs/totalseg_ct.py --param loss.beta --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
+
+if [ $GPU = 0 ]; then
+  "${EXP[@]}" "${phantom_compare[@]}" --parallel 1
+  "${EXP[@]}" "${phantom_beta[@]}" --values $VALUES --parallel 1
+  "${EXP[@]}" "${phantom_alpha[@]}" --values $VALUES --parallel 1
+  "${EXP[@]}" "${ct_compare[@]}" --parallel 1
+  "${EXP[@]}" "${ct_beta[@]}" --values $CT_BETAS --parallel 1
+else
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  CACHE=(--compile-cache "$OUT/jax_cache")
+  mkdir -p "$OUT/phantom" "$OUT/totalseg_ct"
+  beta=$(own beta); alpha=$(own alpha)
+  pids=()
+  "${EXP[@]}" "${phantom_compare[@]}" --parallel 6 "${CACHE[@]}" > "$OUT/phantom_compare.log" 2>&1 & pids+=($!)
+  "${EXP[@]}" "${phantom_beta[@]}" --values "$(others $VALUES "$beta")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_beta.log" 2>&1 & pids+=($!)
+  "${EXP[@]}" "${phantom_alpha[@]}" --values "$(others $VALUES "$alpha")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_alpha.log" 2>&1 & pids+=($!)
+  "${EXP[@]}" "${ct_compare[@]}" --parallel 3 "${CACHE[@]}" > "$OUT/ct_compare.log" 2>&1 & pids+=($!)
+  "${EXP[@]}" "${ct_beta[@]}" --values "$(others $CT_BETAS "$beta")" --parallel 1 "${CACHE[@]}" > "$OUT/ct_beta.log" 2>&1 & pids+=($!)
+  status=0
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  tail -n 3 "$OUT"/*.log
+  [ $status = 0 ] || { echo "a study command failed; see $OUT/*.log (rerun this script to resume)" >&2; exit 1; }
+  "${EXP[@]}" "${phantom_beta[@]}" --values $VALUES "${CACHE[@]}"
+  "${EXP[@]}" "${phantom_alpha[@]}" --values $VALUES "${CACHE[@]}"
+  "${EXP[@]}" "${ct_beta[@]}" --values $CT_BETAS "${CACHE[@]}"
+fi
+echo "study finished in $(( ($(date +%s) - started) / 60 )) min"
+
+if [ -n "$ARCHIVE" ]; then
+  (cd "$OUT" && find . \( -name jax_cache -o -name checkpoints -o -name 'events.out.*' \) -prune -o -type f -print \
+     | tar -czf - -T -) > "$ARCHIVE"
+  ls -l "$ARCHIVE"
+fi
