@@ -39,6 +39,7 @@ bench: $(TEST_STAMP)
 # at a time; about 4 hours on 2 CPU cores; resumes if interrupted. scripts/study.sh --gpu runs it on a GPU machine.
 study: $(STAMP)
 	scripts/study.sh --python $(PY) results
+	$(PY) scripts/results_tables.py --results results --out docs/results_tables.md
 
 clean:
 	rm -rf $(VENV)
