@@ -3,7 +3,7 @@
 # sample (3 seeds: 7 losses, beta 0.1 / 0.5 / 0.9). Every run is a train.py subprocess of the experiment
 # runner, so an interrupted study resumes where it stopped when the same command is run again.
 #
-#   scripts/study.sh [--gpu] [--python PY] [--ct-data DIR] [--archive FILE] OUT
+#   scripts/study.sh [--gpu] [--python PY] [--ct-data DIR] [--archive FILE] [--deadline SECONDS] OUT
 #
 # OUT receives OUT/phantom and OUT/totalseg_ct (tables, CSVs, plots, study.json; runs under */runs/). `make study`
 # runs it with OUT=results on the CPU.
@@ -19,23 +19,34 @@
 #   ../shared/data/totalsegmentator_ct). Runs with another data root are another configuration to the runner:
 #   keep them in another OUT.
 # --archive FILE: at the end, pack OUT's tables and each run's summary.json, report.md, metrics.jsonl and
-#   train.log (no checkpoints) into FILE (.tar.gz).
+#   train.log (no checkpoints) into FILE (.tar.gz), also when the study stopped early.
+# --deadline SECONDS (with --gpu): stop the trainings that are still running after that many seconds (each saves
+#   a checkpoint and stops; rerunning the script resumes them) and pack what finished.
 # Missing Python packages (grain, ml_collections, nibabel, tensorboardX) are installed from ./.whl/*.whl when
 # that folder exists (see docs/results.md, "Running the study on a GPU machine").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-GPU=0; PY=${PYTHON:-.venv/bin/python}; CT_DATA=""; ARCHIVE=""
+GPU=0; PY=${PYTHON:-.venv/bin/python}; CT_DATA=""; ARCHIVE=""; DEADLINE=0
 while [ $# -gt 1 ]; do
   case "$1" in
     --gpu) GPU=1; shift ;;
     --python) PY=$2; shift 2 ;;
     --ct-data) CT_DATA=$2; shift 2 ;;
     --archive) ARCHIVE=$2; shift 2 ;;
+    --deadline) DEADLINE=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-OUT=${1:?usage: scripts/study.sh [--gpu] [--python PY] [--ct-data DIR] [--archive FILE] OUT}
+OUT=${1:?usage: scripts/study.sh [--gpu] [--python PY] [--ct-data DIR] [--archive FILE] [--deadline SECONDS] OUT}
+
+pack() {
+  [ -n "$ARCHIVE" ] || return 0
+  (cd "$OUT" && find . \( -name jax_cache -o -name checkpoints -o -name 'events.out.*' \) -prune -o -type f -print \
+     | tar -czf - -T -) > "$ARCHIVE"
+  ls -l "$ARCHIVE"
+}
+trap pack EXIT
 
 if ! "$PY" -c "import grain, ml_collections, nibabel, tensorboardX" 2>/dev/null; then
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -73,12 +84,13 @@ else
   CACHE=(--compile-cache "$OUT/jax_cache")
   mkdir -p "$OUT/phantom" "$OUT/totalseg_ct"
   beta=$(own beta); alpha=$(own alpha)
+  limit=(); [ "$DEADLINE" -gt 0 ] && limit=(timeout -s TERM -k 120 "$DEADLINE")
   pids=()
-  "${EXP[@]}" "${phantom_compare[@]}" --parallel 6 "${CACHE[@]}" > "$OUT/phantom_compare.log" 2>&1 & pids+=($!)
-  "${EXP[@]}" "${phantom_beta[@]}" --values "$(others $VALUES "$beta")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_beta.log" 2>&1 & pids+=($!)
-  "${EXP[@]}" "${phantom_alpha[@]}" --values "$(others $VALUES "$alpha")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_alpha.log" 2>&1 & pids+=($!)
-  "${EXP[@]}" "${ct_compare[@]}" --parallel 3 "${CACHE[@]}" > "$OUT/ct_compare.log" 2>&1 & pids+=($!)
-  "${EXP[@]}" "${ct_beta[@]}" --values "$(others $CT_BETAS "$beta")" --parallel 1 "${CACHE[@]}" > "$OUT/ct_beta.log" 2>&1 & pids+=($!)
+  "${limit[@]}" "${EXP[@]}" "${phantom_compare[@]}" --parallel 6 "${CACHE[@]}" > "$OUT/phantom_compare.log" 2>&1 & pids+=($!)
+  "${limit[@]}" "${EXP[@]}" "${phantom_beta[@]}" --values "$(others $VALUES "$beta")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_beta.log" 2>&1 & pids+=($!)
+  "${limit[@]}" "${EXP[@]}" "${phantom_alpha[@]}" --values "$(others $VALUES "$alpha")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_alpha.log" 2>&1 & pids+=($!)
+  "${limit[@]}" "${EXP[@]}" "${ct_compare[@]}" --parallel 3 "${CACHE[@]}" > "$OUT/ct_compare.log" 2>&1 & pids+=($!)
+  "${limit[@]}" "${EXP[@]}" "${ct_beta[@]}" --values "$(others $CT_BETAS "$beta")" --parallel 1 "${CACHE[@]}" > "$OUT/ct_beta.log" 2>&1 & pids+=($!)
   status=0
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   tail -n 3 "$OUT"/*.log
@@ -88,9 +100,3 @@ else
   "${EXP[@]}" "${ct_beta[@]}" --values $CT_BETAS "${CACHE[@]}"
 fi
 echo "study finished in $(( ($(date +%s) - started) / 60 )) min"
-
-if [ -n "$ARCHIVE" ]; then
-  (cd "$OUT" && find . \( -name jax_cache -o -name checkpoints -o -name 'events.out.*' \) -prune -o -type f -print \
-     | tar -czf - -T -) > "$ARCHIVE"
-  ls -l "$ARCHIVE"
-fi
