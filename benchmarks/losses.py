@@ -3,11 +3,13 @@
 Peers: MONAI DiceCELoss(softmax=True, to_onehot_y=True), our PyTorch reference combo_loss eagerly and under
 torch.compile. Also each MONAI region loss against ours with the same semantics, all with their defaults and
 softmax=True, to_onehot_y=True: DiceCELoss / dice_ce_loss, DiceLoss / dice_loss, GeneralizedDiceLoss /
-generalized_dice_loss, TverskyLoss / tversky_loss. Runs on the GPU when JAX and torch
-both see one, else on the CPU. Prints a ratio table (time / the MONAI peer's time) and writes JSON.
+generalized_dice_loss, TverskyLoss / tversky_loss. A JAX peer too: optax's dice_loss plus its softmax
+cross-entropy, with the time of its compile + first call next to ours (many-class shapes: the compile of a
+loss written per class grows with K). Runs on the GPU when JAX and torch both see one, else on the CPU.
+Prints a ratio table (time / the peer's time) and writes JSON.
 
-    python benchmarks/losses.py                      # the issue's CPU shapes
-    python benchmarks/losses.py --shapes 4x128x128x128x6 --dtypes float32,bfloat16   # the GPU shape
+    python benchmarks/losses.py                      # the CPU shapes, K = 6, 105 and 117
+    python benchmarks/losses.py --shapes 4x128x128x128x6 --dtypes float32,bfloat16 --no-compile  # the GPU shape
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import torch
 
 from combo_jax import losses
 from combo_jax.reference import torch_losses
-from timing import median_ms
+import optax
+
+from timing import median_ms, first_call_s
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -36,13 +40,24 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def optax_dice_ce(logits, labels):
+    """optax's Dice loss (per sample, mean over classes) plus its softmax cross-entropy, batch means."""
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    logits = logits.astype(jnp.float32)
+    dice = optax.losses.dice_loss(logits, onehot)
+    return jnp.mean(dice) + jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="2x64x64x64x6,16x128x128x6", help="comma-separated B x spatial x K")
+    parser.add_argument("--shapes", default="2x64x64x64x6,16x128x128x6,2x16x16x16x105,1x96x96x96x117",
+                        help="comma-separated B x spatial x K")
     parser.add_argument("--dtypes", default="float32", help="logit dtypes for the JAX side (float32, bfloat16)")
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip our PyTorch reference (eager and compiled); slow at many classes on a CPU")
     parser.add_argument("--out", default="benchmarks/results/losses.json")
     args = parser.parse_args()
 
@@ -84,21 +99,25 @@ def main() -> None:
             return step
 
         peers = {f"MONAI {name}": torch_step(functools.partial(module, xt, yt1)) for name, module in monai_losses.items()}
-        peers["torch reference combo (eager)"] = torch_step(lambda: torch_losses.combo_loss(xt, yt))
-        if not args.no_compile:
+        if not args.no_reference:
+            peers["torch reference combo (eager)"] = torch_step(lambda: torch_losses.combo_loss(xt, yt))
+        if not (args.no_compile or args.no_reference):
             compiled = torch.compile(torch_losses.combo_loss)
             peers["torch reference combo (compile)"] = torch_step(lambda: compiled(xt, yt))
         timings = {name: median_ms(fn, tsync, args.iters, args.warmup) for name, fn in peers.items()}
 
+        first_calls = {}
         for dtype in args.dtypes.split(","):
             xj = jnp.asarray(x_np, dtype=dtype)
             yj = jnp.asarray(y_np)
-            step = jax.jit(jax.value_and_grad(losses.combo_loss))
-            timings[f"combo_jax combo_loss ({dtype})"] = median_ms(
-                lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup
-            )
+            for impl, fn in ((f"combo_jax combo_loss ({dtype})", losses.combo_loss),
+                             (f"optax dice_loss + softmax CE ({dtype})", optax_dice_ce)):
+                step = jax.jit(jax.value_and_grad(fn))
+                first_calls[impl] = first_call_s(lambda: step(xj, yj), jax.block_until_ready)
+                timings[impl] = median_ms(lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup)
         xj, yj = jnp.asarray(x_np), jnp.asarray(y_np)
-        peer_of = {}
+        peer_of = {impl: f"optax dice_loss + softmax CE ({impl.split('(')[-1]}" for impl in first_calls
+                   if impl.startswith("combo_jax")}
         for monai_name, name in pairs.items():
             step = jax.jit(jax.value_and_grad(getattr(losses, name)))
             impl = f"combo_jax {name} (float32)"
@@ -107,12 +126,17 @@ def main() -> None:
         for name, ms in timings.items():
             peer = peer_of.get(name, "MONAI DiceCELoss")
             rows.append({"shape": shape_text, "impl": name, "ms": round(ms, 3), "peer": peer,
-                         "ratio_to_monai": round(ms / timings[peer], 3)})
+                         "ratio_to_peer": round(ms / timings[peer], 3),
+                         "ratio_to_monai_dice_ce": round(ms / timings["MONAI DiceCELoss"], 3),
+                         "compile_and_first_call_s": round(first_calls[name], 3) if name in first_calls else None})
 
     print(f"device: {device_name}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
-    print(f"{'shape':>18}  {'implementation':<42} {'ms':>9}  {'x peer':>7}  peer")
+    print(f"{'shape':>18}  {'implementation':<42} {'ms':>9}  {'x peer':>7}  {'x DiceCE':>8}  {'1st call s':>10}  peer")
     for row in rows:
-        print(f"{row['shape']:>18}  {row['impl']:<42} {row['ms']:>9.3f}  {row['ratio_to_monai']:>7.3f}  {row['peer']}")
+        first = row["compile_and_first_call_s"]
+        first = "" if first is None else f"{first:.2f}"
+        print(f"{row['shape']:>18}  {row['impl']:<42} {row['ms']:>9.3f}  {row['ratio_to_peer']:>7.3f}  "
+              f"{row['ratio_to_monai_dice_ce']:>8.3f}  {first:>10}  {row['peer']}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(

@@ -8,7 +8,7 @@ memory. Each process times the jitted training step of ``train_and_evaluate`` (t
 optimizer) on a fixed batch, after warm-up; the row is process 0's median.
 
 **Projected.** For ``configs/phantom3d.py``: the gradient all-reduce moves ``4 P`` bytes (``P`` float32
-parameters, counted on the model ``combo_jax.training.make_model`` builds). A ring all-reduce over ``n`` GPUs
+parameters, counted on the model ``combo_jax.train_state.make_model`` builds). A ring all-reduce over ``n`` GPUs
 takes ``2 (n - 1) / n * bytes / B + 2 (n - 1) * a`` with per-GPU link bandwidth ``B`` and per-hop latency
 ``a`` (the flat ring); NCCL's two-level scheme (NVLink inside a node, InfiniBand across) is estimated too.
 The compute time per step is XLA's FLOP count of the step, divided by the throughput the H100 anchor
@@ -76,33 +76,26 @@ def worker(args) -> None:
     if args.num_processes > 1:
         distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id, heartbeat_timeout=30)
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from combo_jax import training
+    from combo_jax import sharding, train_state
     from combo_jax.data import phantom
     from timing import median_ms
 
     config = _config(args.config)
     config.train.batch_size = args.batch
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    model = training.make_model(config, rngs=nnx.Rngs(params=config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx, _ = training.make_optimizer(config)
-    state = training.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
+    mesh = sharding.make_mesh()
+    data, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
+    graphdef, state, tx, _ = train_state.init_state(config)
     state = jax.device_put(state, replicated)
-    step = jax.jit(training.make_train_step(graphdef, tx, training.make_loss_fn(config)),
+    step = jax.jit(train_state.make_train_step(graphdef, tx, train_state.make_loss_fn(config)),
                    in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=(0,))
     # This process's rows of one fixed global batch.
     share = args.batch // jax.process_count()
     cases = [phantom.make_case(config.data.seed, jax.process_index() * share + i, tuple(config.data.shape))
              for i in range(share)]
     local = {"image": np.stack([c[0] for c in cases]), "labels": np.stack([c[1] for c in cases])}
-    batch = training.global_batch(local, data)
+    batch = sharding.global_batch(local, data)
     holder = {"state": state}
 
     def run():
@@ -114,13 +107,10 @@ def worker(args) -> None:
         json.dump({"ms": ms, "devices": jax.device_count(), "local_devices": jax.local_device_count()}, f)
 
 
-def _config(path: str):
-    import importlib.util
+def _config(spec: str):
+    from combo_jax.config import load_config
 
-    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(spec)
 
 
 def measure(args, processes: int) -> dict:
@@ -164,20 +154,15 @@ def measure(args, processes: int) -> dict:
 def _step_flops(config, batch: int) -> float:
     """XLA's FLOP count of one training step on ``batch`` samples (lowered, never run)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from combo_jax import training
+    from combo_jax import train_state
 
-    model = training.make_model(config, rngs=nnx.Rngs(params=0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx, _ = training.make_optimizer(config)
-    state = training.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
+    graphdef, state, tx, _ = train_state.init_state(config)
     shape = tuple(config.data.shape)
     batch_spec = {"image": jax.ShapeDtypeStruct((batch, *shape, 1), np.float32),
                   "labels": jax.ShapeDtypeStruct((batch, *shape), np.int32)}
-    lowered = jax.jit(training.make_train_step(graphdef, tx, training.make_loss_fn(config))).lower(state, batch_spec)
+    lowered = jax.jit(train_state.make_train_step(graphdef, tx, train_state.make_loss_fn(config))).lower(state, batch_spec)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
@@ -187,17 +172,16 @@ def project(args) -> dict:
     import jax
     from flax import nnx
 
-    from combo_jax import training
+    from combo_jax import train_state
 
-    config = _config("configs/phantom3d.py")
-    model = training.make_model(config, rngs=nnx.Rngs(params=0))
+    config = _config("phantom3d")
+    model = train_state.make_model(config, rngs=nnx.Rngs(params=0))
     num_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     grad_bytes = 4 * num_params  # float32 gradients (parameters stay float32 under bfloat16 compute)
 
-    anchor = _config("configs/phantom3d.py")
+    anchor = _config("phantom3d")
     anchor.model.features = ANCHOR["features"]
     anchor.data.shape = (ANCHOR["size"],) * 3
-    anchor.model.num_classes = config.model.num_classes
     anchor_flops = _step_flops(anchor, ANCHOR["batch"])
     sample_flops = _step_flops(config, 1)
     rows = []
@@ -221,7 +205,7 @@ def project(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/default.py", help="the config to time (relative to the repo)")
+    parser.add_argument("--config", default="default", help="the config to time (a shipped name or a file)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--devices", type=int, default=4, help="CPU devices in all, split over the processes")
     parser.add_argument("--batch", type=int, default=8, help="global batch")

@@ -1,4 +1,4 @@
-"""Shared timing helper for the benchmark scripts (median wall time of a synchronized call)."""
+"""Shared timing helpers for the benchmark scripts (median wall time of a synchronized call)."""
 
 import statistics
 import time
@@ -14,3 +14,10 @@ def median_ms(fn, sync, iters: int, warmup: int) -> float:
         sync(fn())
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def first_call_s(fn, sync) -> float:
+    """Seconds of the first synchronized call of ``fn``: for a fresh ``jax.jit`` function, compile + run."""
+    start = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - start

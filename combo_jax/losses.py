@@ -44,13 +44,17 @@ import numpy as np
 from combo_jax import _fused
 
 __all__ = [
+    "ClassSums",
     "check_labels",
+    "class_sums",
     "combo_loss",
+    "combo_loss_from_sums",
     "cross_entropy",
     "dice_ce_loss",
     "dice_loss",
     "focal_loss",
     "generalized_dice_loss",
+    "pool_batch",
     "soft_dice",
     "tversky_loss",
     "weighted_cross_entropy",
@@ -64,22 +68,43 @@ ArrayLike = Any
 
 
 # --------------------------------------------------------------------------------------------------
-# Input checking (static: shapes, dtypes and Python-scalar options; never array values)
+# Input checking (static: shapes, dtypes, choices; hyperparameter ranges where concrete)
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_unit_interval(fn: str, name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{fn}: {name} must be a Python number, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{fn}: {name} must lie in [0, 1], got {value}")
+def _check_scalar(fn: str, name: str, value, low: float, high: float | None) -> None:
+    """Checks a hyperparameter: a real scalar (a Python number or an array of shape ()) in ``[low, high]``.
+
+    The range is checked where the value is concrete. A traced value (a jit argument, a vmapped grid, a
+    schedule) cannot be checked under ``jit`` and is used as given.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.ndarray, np.generic, jax.Array)):
+        raise TypeError(f"{fn}: {name} must be a real number or a scalar array, got {type(value).__name__}")
+    if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.floating) and not jnp.issubdtype(
+        jnp.result_type(value), jnp.integer
+    ):
+        raise TypeError(f"{fn}: {name} must be a real scalar, got shape {jnp.shape(value)} and dtype "
+                        f"{jnp.result_type(value)}")
+    if isinstance(value, jax.core.Tracer):
+        return
+    v = float(value)
+    if high is None and not v >= low:
+        raise ValueError(f"{fn}: {name} must be >= {low:g}, got {v}")
+    if high is not None and not low <= v <= high:
+        raise ValueError(f"{fn}: {name} must lie in [{low:g}, {high:g}], got {v}")
 
 
-def _check_nonnegative(fn: str, name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{fn}: {name} must be a Python number, got {type(value).__name__}")
-    if not value >= 0.0:
-        raise ValueError(f"{fn}: {name} must be >= 0, got {value}")
+def _check_unit_interval(fn: str, name: str, value) -> None:
+    _check_scalar(fn, name, value, 0.0, 1.0)
+
+
+def _check_nonnegative(fn: str, name: str, value) -> None:
+    _check_scalar(fn, name, value, 0.0, None)
+
+
+def _equals(value, constant: float) -> bool:
+    """Whether a hyperparameter is concretely ``constant`` (a term it weighs by 0 can then be left out)."""
+    return not isinstance(value, jax.core.Tracer) and float(value) == constant
 
 
 def _check_choice(fn: str, name: str, value: str, choices: Sequence[str]) -> None:
@@ -287,36 +312,21 @@ def _dice_ratio(inter, psum, tsum, smooth_nr, smooth_dr, jaccard):
     return (2.0 * inter + smooth_nr) / (psum + tsum + smooth_dr)
 
 
-def _region_sums_of(p, t, mask, c0, batch_dice, squared=False):
-    """Sums over voxels (and the batch with ``batch_dice``) of p t, p and t for the channels ``c0:``.
-
-    With ``squared`` the second and third are the sums of p^2 and t^2 (MONAI's ``squared_pred``).
-    """
-    p, t = p[..., c0:], t[..., c0:]
+def _squared_sums(p, t, mask):
+    """MONAI's ``squared_pred`` sums of p t, p^2 and t^2 over voxels, (B, K) each (the plain path)."""
     if mask is not None:
         p, t = p * mask, t * mask
-    axes = (0, 1) if batch_dice else 1
-    inter = jnp.sum(p * t, axis=axes)
-    if squared:
-        return inter, jnp.sum(p * p, axis=axes), jnp.sum(t * t, axis=axes)
-    return inter, jnp.sum(p, axis=axes), jnp.sum(t, axis=axes)
+    return jnp.sum(p * t, axis=1), jnp.sum(p * p, axis=1), jnp.sum(t * t, axis=1)
 
 
-# Region terms as functions of the per-class sums (I, P, T) of the kept channels and the (K,) class weights:
-# the plain path computes the sums from probabilities, the fused softmax path (_fused.py) from the logits and
-# differentiates these functions with respect to I and P.
+# Region terms as functions of the per-class sums (I, P, T) of the kept channels, (B, |C|) or (|C|,) with
+# batch Dice, and of the kept channels' class weights (or None).
 
 
-def _combo_dice_region(inter, psum, tsum, weights, *, c0, smooth):
-    """The Combo loss's region term, ``-mean_k(c_k D_k)``."""
-    dice = _dice_ratio(inter, psum, tsum, smooth, smooth, False)
-    return -jnp.mean(dice if weights is None else dice * weights[c0:])
-
-
-def _dice_loss_region(inter, psum, tsum, weights, *, c0, smooth_nr, smooth_dr, jaccard, reduction):
+def _dice_loss_region(inter, psum, tsum, weights, *, smooth_nr, smooth_dr, jaccard, reduction):
     """``w_k (1 - D_k)``, reduced."""
     loss = 1.0 - _dice_ratio(inter, psum, tsum, smooth_nr, smooth_dr, jaccard)
-    return _reduce("dice_loss", loss if weights is None else loss * weights[c0:], reduction)
+    return _reduce("dice_loss", loss if weights is None else loss * weights, reduction)
 
 
 def _tversky_region(inter, psum, tsum, weights, *, alpha, beta, smooth_nr, smooth_dr, reduction):
@@ -412,38 +422,143 @@ def soft_dice(
 
 
 # --------------------------------------------------------------------------------------------------
-# The Combo loss and its cross-entropy term
+# Per-class sums, and the losses as functions of them
 # --------------------------------------------------------------------------------------------------
 
+ClassSums = _fused.ClassSums
 
-def _fused_softmax(
-    x, t, ids, mask, weights, *, ce_weight, region_weight=0.0, region=None, beta=1.0, c0, ce_c0, batch_dice=False,
-    ce_over_valid_labels=False,
-):
-    """``ce_weight * L_wce + region_weight * region(I, P, T, weights)`` through :mod:`combo_jax._fused`.
 
-    The cross-entropy spans channels ``ce_c0:`` and the region sums channels ``c0:`` (see
-    :class:`combo_jax._fused.ComboOptions`). Labels and class weights are constants of the loss: no gradient
-    flows to them.
+def _sums_of(x, t, ids, mask, activation, *, complement: bool = True) -> ClassSums:
+    """:class:`ClassSums` of flattened inputs ``(B, N, K)``.
+
+    Softmax goes through :func:`combo_jax._fused.softmax_sums` (one pass, a hand-derived derivative; labels
+    are constants there), sigmoid and probabilities through the plain formula. ``complement=False`` leaves
+    ``ce_negative`` at zero where no loss term needs it.
     """
-    labels = jax.lax.stop_gradient(ids if ids is not None else t)
-    if weights is not None:
-        weights = jax.lax.stop_gradient(weights)
-    options = _fused.ComboOptions(
-        float(ce_weight), float(region_weight), float(beta), c0, ce_c0, bool(batch_dice), region,
-        bool(ce_over_valid_labels),
-    )
-    return _fused.combo_softmax(x, labels, None if mask is None else mask[..., 0], weights, options)
+    if activation == "softmax":
+        labels = jax.lax.stop_gradient(ids if ids is not None else t)
+        return _fused.softmax_sums(x, labels, None if mask is None else mask[..., 0], complement)
+    p, lp, l1m = _log_probs(x, activation)
+
+    def voxel_sum(v):
+        return jnp.sum(v if mask is None else v * mask, axis=1)
+
+    voxels = jnp.full(x.shape[:1], x.shape[1], x.dtype) if mask is None else jnp.sum(mask[..., 0], axis=1)
+    negative = -voxel_sum((1.0 - t) * l1m) if complement else jnp.zeros(x.shape[::2], x.dtype)
+    return ClassSums(voxel_sum(p * t), voxel_sum(p), voxel_sum(t), -voxel_sum(t * lp), negative, voxels)
 
 
-def _weighted_ce_sum(lp, l1m, t, mask, beta, weights):
-    """Sum over voxels and channels of -[beta t log p + (1 - beta)(1 - t) log(1 - p)] (times weights)."""
-    term = beta * t * lp + (1.0 - beta) * (1.0 - t) * l1m
+def _pooled(sums: ClassSums) -> ClassSums:
+    """The sums over the whole batch, without the batch axis (batch Dice)."""
+    return ClassSums(*(jnp.sum(s, axis=0) for s in sums))
+
+
+def _kept(sums: ClassSums, first_channel: int, batch_dice: bool):
+    """``(I, P, T)`` of the channels ``first_channel:``, per sample or pooled over the batch."""
+    region = _pooled(sums) if batch_dice else sums
+    return tuple(v[..., first_channel:] for v in region[:3])
+
+
+def _check_sums(fn: str, sums) -> ClassSums:
+    if not isinstance(sums, ClassSums):
+        raise TypeError(f"{fn}: sums must be a ClassSums (from class_sums), got {type(sums).__name__}")
+    shape = jnp.shape(sums.intersection)
+    if len(shape) != 2 or any(jnp.shape(v) != shape for v in sums[:5]) or jnp.shape(sums.voxels) != shape[:1]:
+        raise ValueError(
+            f"{fn}: sums must hold (B, K) arrays and (B,) voxels, got shapes {[jnp.shape(v) for v in sums]}"
+        )
+    return sums
+
+
+def _wce_terms(sums: ClassSums, weights, *, beta, first_channel: int) -> jax.Array:
+    """``(B, |C|)`` terms whose mean is :math:`L_{wce}`: each sample's weighted sums times ``B / N``."""
+    kept = slice(first_channel, None)
+    ce = beta * sums.ce_positive[:, kept] + (1.0 - beta) * sums.ce_negative[:, kept]
     if weights is not None:
-        term = term * weights
-    if mask is not None:
-        term = term * mask
-    return -jnp.sum(term)
+        ce = ce * weights[kept]
+    return ce * (sums.voxels.shape[0] / jnp.maximum(jnp.sum(sums.voxels), 1.0))
+
+
+def _combo_terms(sums: ClassSums, weights, *, alpha, beta, smooth, first_channel: int, batch_dice: bool):
+    """``(B, |C|)`` per-sample, per-organ Combo terms whose mean is the loss."""
+    batch, num_classes = sums.intersection.shape
+    terms = jnp.zeros((batch, num_classes - first_channel), sums.intersection.dtype)
+    if not _equals(alpha, 0.0):
+        terms = terms + alpha * _wce_terms(sums, weights, beta=beta, first_channel=first_channel)
+    if not _equals(alpha, 1.0):
+        dice = _dice_ratio(*_kept(sums, first_channel, batch_dice), smooth, smooth, False)
+        terms = terms - (1.0 - alpha) * (dice if weights is None else dice * weights[first_channel:])
+    return terms
+
+
+def class_sums(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    activation: str = "softmax",
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+) -> ClassSums:
+    r"""Per-sample, per-class sums over voxels from which every region and Combo loss is computed.
+
+    Returns a :class:`ClassSums` of ``(B, K)`` arrays (``voxels``: ``(B,)``): :math:`\sum w p t`,
+    :math:`\sum w p`, :math:`\sum w t`, :math:`-\sum w t \ln p`, :math:`-\sum w (1 - t) \ln(1 - p)` and
+    :math:`\sum w` over the voxels of each sample, with ``w`` the mask of ``where``/``ignore_index``. The
+    ``*_from_sums`` functions turn them into a loss; sums add, so under ``shard_map`` one ``psum`` of
+    :func:`pool_batch` gives the global batch:
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> logits = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+      >>> labels = jax.random.randint(jax.random.key(1), (2, 8, 8), 0, 3)
+      >>> sums = class_sums(logits, labels)
+      >>> bool(jnp.allclose(combo_loss_from_sums(sums), combo_loss(logits, labels)))
+      True
+    """
+    x, t, mask, ids = _prepare("class_sums", logits, labels, activation=activation, where=where,
+                               ignore_index=ignore_index)
+    return _sums_of(x, t, ids, mask, activation)
+
+
+def pool_batch(sums: ClassSums, axis_name=None) -> ClassSums:
+    """The sums of the whole batch as one sample, ``(1, K)``; with ``axis_name``, also summed over devices.
+
+    Inside ``shard_map``, ``pool_batch(class_sums(x, y), "data")`` is one ``psum`` and holds the global
+    batch's sums; a loss with ``batch_dice=True`` computed from it equals the loss of the whole batch.
+    """
+    _check_sums("pool_batch", sums)
+    pooled = ClassSums(*(jnp.sum(s, axis=0, keepdims=True) for s in sums))
+    return pooled if axis_name is None else jax.lax.psum(pooled, axis_name)
+
+
+def combo_loss_from_sums(
+    sums: ClassSums,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    smooth: float = 1.0,
+    activation: str = "softmax",
+    include_background: bool = False,
+    batch_dice: bool = False,
+    class_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """:func:`combo_loss` from the :func:`class_sums` of its inputs (same options and result)."""
+    fn = "combo_loss_from_sums"
+    _check_combo_options(fn, alpha, beta, smooth, activation, reduction)
+    sums = _check_sums(fn, sums)
+    weights = _class_weights(fn, class_weights, sums.intersection.shape[-1], sums.intersection.dtype)
+    terms = _combo_terms(sums, weights, alpha=alpha, beta=beta, smooth=smooth,
+                         first_channel=_first_channel(activation, include_background), batch_dice=batch_dice)
+    return _reduce(fn, terms, reduction)
+
+
+def _check_combo_options(fn, alpha, beta, smooth, activation, reduction):
+    _check_unit_interval(fn, "alpha", alpha)
+    _check_unit_interval(fn, "beta", beta)
+    _check_nonnegative(fn, "smooth", smooth)
+    _check_choice(fn, "activation", activation, ACTIVATIONS)
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
 
 
 def weighted_cross_entropy(
@@ -456,6 +571,7 @@ def weighted_cross_entropy(
     class_weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
+    reduction: str = "mean",
 ) -> jax.Array:
     r"""The Combo paper's beta-weighted cross-entropy over the organ channels C.
 
@@ -475,28 +591,27 @@ def weighted_cross_entropy(
     Args:
       logits: ``(B, *spatial, K)``.
       labels: integer ids ``(B, *spatial)`` or one-hot/soft labels ``(B, *spatial, K)``.
-      beta: weight of the positive (``t = 1``) term, in ``[0, 1]``.
+      beta: weight of the positive (``t = 1``) term, in ``[0, 1]``; a number or a traced scalar.
       activation: ``"softmax"``, ``"sigmoid"`` or ``"none"``.
       include_background: with softmax, keep channel 0 in C.
       class_weights: optional ``(K,)`` per-channel weights ``w_k`` (channels outside C are ignored).
       where: optional boolean mask ``(B, *spatial)``.
       ignore_index: label id to leave out (integer labels only).
+      reduction: ``"mean"`` (the formula above), ``"sum"``, or ``"none"`` for per-sample, per-organ terms
+        ``(B, |C|)``: ``B / N`` times each sample's weighted sum over its voxels, so that their mean is the
+        loss (with equal, unmasked samples, each sample's own mean over its voxels).
 
     Returns:
-      A scalar.
+      A scalar, or ``(B, |C|)`` for ``reduction="none"``.
     """
     fn = "weighted_cross_entropy"
     _check_unit_interval(fn, "beta", beta)
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    c0 = _first_channel(activation, include_background)
-    if activation == "softmax":
-        # alpha = 1: the Combo loss is its cross-entropy term alone.
-        return _fused_softmax(x, t, ids, mask, weights, ce_weight=1.0, beta=beta, c0=c0, ce_c0=c0)
-    _, lp, l1m = _log_probs(x, activation)
-    w = None if weights is None else weights[c0:]
-    total = _weighted_ce_sum(lp[..., c0:], l1m[..., c0:], t[..., c0:], mask, beta, w)
-    return total / (_valid_count(x, mask) * (x.shape[-1] - c0))
+    sums = _sums_of(x, t, ids, mask, activation, complement=not _equals(beta, 1.0))
+    terms = _wce_terms(sums, weights, beta=beta, first_channel=_first_channel(activation, include_background))
+    return _reduce(fn, terms, reduction)
 
 
 def combo_loss(
@@ -512,6 +627,7 @@ def combo_loss(
     class_weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
+    reduction: str = "mean",
 ) -> jax.Array:
     r"""The Combo loss of Taghanaki et al. (arXiv 1805.02798).
 
@@ -539,7 +655,8 @@ def combo_loss(
     Args:
       logits: ``(B, *spatial, K)``.
       labels: integer ids ``(B, *spatial)`` or one-hot/soft labels ``(B, *spatial, K)``.
-      alpha: weight of the cross-entropy term, in ``[0, 1]``.
+      alpha: weight of the cross-entropy term, in ``[0, 1]`` (optax's ``dice_loss`` ``alpha`` is another
+        thing, a false-positive weight).
       beta: cross-entropy weight of the positive term, in ``[0, 1]``; ``< 0.5`` penalizes false positives,
         ``> 0.5`` false negatives.
       smooth: Dice smoothing ``S`` (numerator and denominator).
@@ -549,9 +666,17 @@ def combo_loss(
       class_weights: optional ``(K,)`` weights multiplying each channel's cross-entropy and Dice terms.
       where: optional boolean mask ``(B, *spatial)``.
       ignore_index: label id to leave out (integer labels only).
+      reduction: ``"mean"`` (the loss), ``"sum"``, or ``"none"`` for the per-sample, per-organ terms
+        ``(B, |C|)`` whose mean is the loss: ``alpha B / N`` times each sample's weighted cross-entropy sums
+        minus ``(1 - alpha) w_k D_k`` (with ``batch_dice``, the pooled ``D_k`` in every row).
+
+    ``alpha``, ``beta``, ``smooth`` and ``class_weights`` may be traced (jit arguments, a vmapped grid, a
+    schedule): their ranges are checked only where they are concrete. The loss is a function of the
+    per-class sums of :func:`class_sums`; :func:`combo_loss_from_sums` computes it from them (for sums
+    added across devices, see the README).
 
     Returns:
-      A scalar.
+      A scalar, or ``(B, |C|)`` for ``reduction="none"``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -560,21 +685,14 @@ def combo_loss(
       >>> loss, grads = jax.value_and_grad(combo_loss)(logits, labels, beta=0.3)
     """
     fn = "combo_loss"
-    _check_unit_interval(fn, "alpha", alpha)
-    _check_unit_interval(fn, "beta", beta)
-    _check_nonnegative(fn, "smooth", smooth)
+    _check_combo_options(fn, alpha, beta, smooth, activation, reduction)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
-    weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    c0 = _first_channel(activation, include_background)
-    region = functools.partial(_combo_dice_region, c0=c0, smooth=smooth)
-    if activation == "softmax":
-        return _fused_softmax(x, t, ids, mask, weights, ce_weight=alpha, region_weight=1.0 - alpha, region=region,
-                              beta=beta, c0=c0, ce_c0=c0, batch_dice=batch_dice)
-    p, lp, l1m = _log_probs(x, activation)
-    w = None if weights is None else weights[c0:]
-    ce = _weighted_ce_sum(lp[..., c0:], l1m[..., c0:], t[..., c0:], mask, beta, w)
-    ce = ce / (_valid_count(x, mask) * (x.shape[-1] - c0))
-    return alpha * ce + (1.0 - alpha) * region(*_region_sums_of(p, t, mask, c0, batch_dice), weights)
+    weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)  # checked against the logits here
+    complement = not (_equals(alpha, 0.0) or _equals(beta, 1.0))  # the log(1 - p) terms weigh 0 otherwise
+    return combo_loss_from_sums(_sums_of(x, t, ids, mask, activation, complement=complement), alpha=alpha,
+                                beta=beta, smooth=smooth, activation=activation,
+                                include_background=include_background, batch_dice=batch_dice,
+                                class_weights=weights, reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,21 +701,24 @@ def combo_loss(
 
 
 def _region_inputs(fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr):
-    """Checks and prepares the inputs of a region loss; returns ``(x, p, t, mask, c0, ids)`` over all channels."""
+    """Checks the inputs of a region loss; returns ``(x, t, mask, first_channel, ids)`` over all channels."""
     _check_nonnegative(fn, "smooth_nr", smooth_nr)
     _check_nonnegative(fn, "smooth_dr", smooth_dr)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
-    c0 = 0 if include_background else 1
-    if c0 >= x.shape[-1]:
+    first_channel = 0 if include_background else 1
+    if first_channel >= x.shape[-1]:
         raise ValueError(
             f"{fn}: include_background=False leaves no channel with logits of shape {jnp.shape(logits)}"
         )
-    return x, _probs(x, activation), t, mask, c0, ids
+    return x, t, mask, first_channel, ids
 
 
-def _region_fusable(activation: str, reduction: str, squared_pred: bool = False) -> bool:
-    """Whether a region loss can take the fused softmax path: a scalar of the sums of p t, p and t."""
-    return activation == "softmax" and reduction in ("mean", "sum") and not squared_pred
+def _region_sums(x, t, ids, mask, activation, first_channel, batch_dice, squared_pred=False):
+    """``(I, P, T)`` of the kept channels, ``(B, |C|)`` or pooled ``(|C|,)``; squared sums for ``squared_pred``."""
+    if squared_pred:
+        sums = _squared_sums(_probs(x, activation), t, mask)
+        return tuple(v[..., first_channel:] for v in (jax.tree.map(lambda v: v.sum(0), sums) if batch_dice else sums))
+    return _kept(_sums_of(x, t, ids, mask, activation, complement=False), first_channel, batch_dice)
 
 
 def dice_loss(
@@ -643,16 +764,13 @@ def dice_loss(
     """
     fn = "dice_loss"
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    x, p, t, mask, c0, ids = _region_inputs(
+    x, t, mask, first_channel, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard,
-                               reduction=reduction)
-    if _region_fusable(activation, reduction, squared_pred):
-        return _fused_softmax(x, t, ids, mask, weights, ce_weight=0.0, region_weight=1.0, region=region, c0=c0,
-                              ce_c0=c0, batch_dice=batch_dice)
-    return region(*_region_sums_of(p, t, mask, c0, batch_dice, squared_pred), weights)
+    inter, psum, tsum = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice, squared_pred)
+    return _dice_loss_region(inter, psum, tsum, None if weights is None else weights[first_channel:],
+                             smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard, reduction=reduction)
 
 
 GDL_WEIGHT_TYPES = ("square", "simple", "uniform")
@@ -685,15 +803,12 @@ def generalized_dice_loss(
     fn = "generalized_dice_loss"
     _check_choice(fn, "w_type", w_type, GDL_WEIGHT_TYPES)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    x, p, t, mask, c0, ids = _region_inputs(
+    x, t, mask, first_channel, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    region = functools.partial(_generalized_dice_region, w_type=w_type, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                               reduction=reduction)
-    if _region_fusable(activation, reduction):
-        return _fused_softmax(x, t, ids, mask, None, ce_weight=0.0, region_weight=1.0, region=region, c0=c0,
-                              ce_c0=c0, batch_dice=batch_dice)
-    return region(*_region_sums_of(p, t, mask, c0, batch_dice), None)
+    inter, psum, tsum = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice)
+    return _generalized_dice_region(inter, psum, tsum, None, w_type=w_type, smooth_nr=smooth_nr,
+                                    smooth_dr=smooth_dr, reduction=reduction)
 
 
 def tversky_loss(
@@ -724,15 +839,12 @@ def tversky_loss(
     _check_nonnegative(fn, "alpha", alpha)
     _check_nonnegative(fn, "beta", beta)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    x, p, t, mask, c0, ids = _region_inputs(
+    x, t, mask, first_channel, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    region = functools.partial(_tversky_region, alpha=alpha, beta=beta, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                               reduction=reduction)
-    if _region_fusable(activation, reduction):
-        return _fused_softmax(x, t, ids, mask, None, ce_weight=0.0, region_weight=1.0, region=region, c0=c0,
-                              ce_c0=c0, batch_dice=batch_dice)
-    return region(*_region_sums_of(p, t, mask, c0, batch_dice), None)
+    inter, psum, tsum = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice)
+    return _tversky_region(inter, psum, tsum, None, alpha=alpha, beta=beta, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                           reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -836,33 +948,65 @@ def dice_ce_loss(
     With ``activation="sigmoid"`` the cross-entropy is binary per channel; MONAI uses binary
     cross-entropy only for a single channel and a softmax cross-entropy otherwise, even with
     ``sigmoid=True``, which mixes two incompatible models of the classes. ``reduction`` is ``"mean"`` or
-    ``"sum"`` (applied to each term, as MONAI).
+    ``"sum"`` (applied to each term, as MONAI), or ``"none"`` for ``(B, |C|)`` per-sample, per-organ terms
+    whose mean is the loss (each sample's cross-entropy split over its organ columns; not with label
+    smoothing or ``squared_pred``).
     """
     fn = "dice_ce_loss"
     _check_nonnegative(fn, "lambda_dice", lambda_dice)
     _check_nonnegative(fn, "lambda_ce", lambda_ce)
     _check_unit_interval(fn, "label_smoothing", label_smoothing)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"{fn}: unknown reduction {reduction!r}; expected 'mean' or 'sum'")
-    x, p, t, mask, c0, ids = _region_inputs(
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    x, t, mask, first_channel, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    region = functools.partial(_dice_loss_region, c0=c0, smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard,
-                               reduction=reduction)
-    if label_smoothing == 0.0 and class_weights is None and reduction == "mean" and _region_fusable(
-        activation, reduction, squared_pred
-    ):
-        # lambda_dice mean(1 - D) + lambda_ce CE, with CE = K L_wce at beta = 1 over all K channels (torch's
-        # class-weighted mean and "sum" have other normalizers: those take the plain path).
-        return _fused_softmax(
-            x, t, ids, mask, None, ce_weight=x.shape[-1] * lambda_ce, region_weight=lambda_dice, region=region,
-            c0=c0, ce_c0=0, batch_dice=batch_dice, ce_over_valid_labels=True,
-        )
-    d_loss = region(*_region_sums_of(p, t, mask, c0, batch_dice, squared_pred), weights)
-    int_labels = jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer)
-    ce = _cross_entropy_flat(fn, x, t, mask, int_labels, activation, weights, label_smoothing, reduction)
-    return lambda_dice * d_loss + lambda_ce * ce
+    kept_weights = None if weights is None else weights[first_channel:]
+    dice_options = dict(smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard)
+    if label_smoothing != 0.0 or squared_pred:
+        if reduction == "none":
+            raise ValueError(f"{fn}: reduction='none' needs label_smoothing=0 and squared_pred=False")
+        region = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice, squared_pred)
+        d_loss = _dice_loss_region(*region, kept_weights, **dice_options, reduction=reduction)
+        ce = _cross_entropy_flat(fn, x, t, mask, ids is not None, activation, weights, label_smoothing, reduction)
+        return lambda_dice * d_loss + lambda_ce * ce
+    # The sigmoid cross-entropy is binary per channel and needs the log(1 - p) terms; softmax needs neither.
+    sums = _sums_of(x, t, ids, mask, activation, complement=activation != "softmax")
+    return _dice_ce_from_sums(sums, kept_weights, weights, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+                              activation=activation, first_channel=first_channel, batch_dice=batch_dice,
+                              integer_labels=ids is not None, reduction=reduction, **dice_options)
+
+
+def _dice_ce_from_sums(sums, kept_weights, weights, *, lambda_dice, lambda_ce, activation, first_channel,
+                       batch_dice, integer_labels, reduction, **dice_options):
+    """``lambda_dice * dice_loss + lambda_ce * cross_entropy`` from the class sums, reduced.
+
+    The cross-entropy follows torch: softmax, integer labels: ``sum_k w_k ce_k / sum_k w_k T_k`` (a weighted
+    mean over the voxels whose label is in range); softmax, float labels: divided by the voxel count;
+    sigmoid: binary per channel, divided by voxels times channels. ``"none"`` gives ``(B, |C|)`` terms whose
+    mean is the loss: each sample's cross-entropy split over its organ columns (the channels outside C in
+    equal parts), scaled by the normalizer.
+    """
+    num_classes = sums.intersection.shape[-1]
+    w = jnp.ones((num_classes,), sums.intersection.dtype) if weights is None else weights
+    ce = sums.ce_positive if activation == "softmax" else sums.ce_positive + sums.ce_negative
+    ce = ce * w  # (B, K) per-class cross-entropy sums
+    if activation == "softmax" and integer_labels:
+        norm = jnp.sum(sums.target * w)
+        norm = jnp.where(norm > 0, norm, 1.0)
+    elif activation == "softmax":
+        norm = jnp.maximum(jnp.sum(sums.voxels), 1.0)
+    else:
+        norm = jnp.maximum(jnp.sum(sums.voxels), 1.0) * num_classes
+    dice_terms = _dice_loss_region(*_kept(sums, first_channel, batch_dice), kept_weights, **dice_options,
+                                   reduction="none")
+    if reduction == "mean":
+        return lambda_dice * jnp.mean(dice_terms) + lambda_ce * jnp.sum(ce) / norm
+    if reduction == "sum":
+        return lambda_dice * jnp.sum(dice_terms) + lambda_ce * jnp.sum(ce)
+    batch, kept = ce.shape[0], num_classes - first_channel
+    per_organ = ce[:, first_channel:] + jnp.sum(ce[:, :first_channel], axis=1, keepdims=True) / kept
+    return lambda_dice * dice_terms + lambda_ce * per_organ * (batch * kept / norm)
 
 
 def focal_loss(

@@ -1,11 +1,11 @@
 """A 3D U-Net on 64^3 phantom volumes (organs from 8% to 0.04% of voxels).
 
-    python train.py --config configs/phantom3d.py --workdir runs/phantom3d
+    python -m combo_jax.train --config configs/phantom3d.py --workdir runs/phantom3d
 
 Sized for a GPU: about 2000 steps of batch 4; on a 2-core CPU a step takes seconds.
 """
 
-from configs import default
+from combo_jax.configs import default
 
 
 def get_config(loss: str = "combo"):

@@ -1,6 +1,6 @@
 """Real anatomy check: spinal-cord grey and white matter in the T2*-weighted MRI sample ../shared/data/sct_t2s.
 
-    python train.py --config configs/sct_gm.py --workdir runs/sct_gm
+    python -m combo_jax.train --config configs/sct_gm.py --workdir runs/sct_gm
 
 One subject (49 x 54 x 9 voxels at 0.5 x 0.5 x 7.5 mm), hand-traced: classes background, white matter (the cord
 minus the grey matter, about 10% of voxels) and grey matter (2.2%), made from the cord and grey-matter masks.
@@ -9,17 +9,12 @@ check on real anatomy, not a benchmark. Runtime: under a minute on a 2-core CPU 
 combo loss: white matter Dice 0.81, grey matter 0.58 (HD95 3.0 and 4.2 mm) on the three validation slices.
 """
 
-import os
-
-from configs import msd
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "sct_t2s")
-
+from combo_jax.configs import msd
 
 def get_config(loss: str = "combo"):
     config = msd.get_config(loss)
     d = config.data
-    d.root = ROOT
+    d.root = msd.sample_root("sct_t2s")  # empty when the repository's ../shared/data is not beside it
     # Masks combine outer first: cord -> class 1, then grey matter painted over it -> class 2.
     d.cases = (("t2s.nii.gz", ("t2s_seg.nii.gz", "t2s_gmseg_manual.nii.gz")),)
     d.organs = ("white_matter", "grey_matter")
@@ -31,7 +26,6 @@ def get_config(loss: str = "combo"):
     d.shape = (48, 48)
     d.slice_axis = 2
     d.num_train = 256
-    config.model.num_classes = 3
     config.model.features = (8, 16, 32, 64)
     config.train.batch_size = 8
     config.train.eval_batch_size = 8

@@ -17,7 +17,7 @@ loss (adrenal about 0.5). At 128 x 128 and 300 steps the two smallest organs wer
 make a loss comparison meaningless.
 """
 
-from configs import default
+from combo_jax.configs import default
 
 
 def get_config(loss: str = "combo"):

@@ -1,9 +1,11 @@
 """A tiny run for tests: 32 x 32 phantom slices, a two-level U-Net, a few steps (seconds on a CPU).
 
-    python train.py --config configs/tiny.py --workdir runs/tiny
+    python -m combo_jax.train --config tiny --workdir runs/tiny
+
+The default config with: 32 x 32 slices, 32 training and 8 validation cases, U-Net (4, 8), 12 steps.
 """
 
-from configs import default
+from combo_jax.configs import default
 
 
 def get_config(loss: str = "combo"):

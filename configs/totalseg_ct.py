@@ -1,6 +1,6 @@
 """Real anatomy check: the abdominal CT sample in ../shared/data/totalsegmentator_ct, seven organs, a 2D U-Net.
 
-    python train.py --config configs/totalseg_ct.py --workdir runs/totalseg_ct
+    python -m combo_jax.train --config configs/totalseg_ct.py --workdir runs/totalseg_ct
 
 One patient (122 x 101 x 30 voxels at 3 mm, TotalSegmentator pseudo-labels): liver 10.5% of voxels, spleen 2.6%,
 kidneys about 1% each, pancreas 0.17%, adrenal glands about 0.05% each; every other structure is background.
@@ -10,17 +10,12 @@ generalization. Runtime: about 2 minutes on one core of a 2-core CPU
 (600 steps); see docs/results.md for the loss study on it.
 """
 
-import os
-
-from configs import msd
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "totalsegmentator_ct")
-
+from combo_jax.configs import msd
 
 def get_config(loss: str = "combo"):
     config = msd.get_config(loss)
     d = config.data
-    d.root = ROOT
+    d.root = msd.sample_root("totalsegmentator_ct")  # empty when the repository's ../shared/data is not beside it
     d.cases = (("example_ct_sm.nii.gz", "example_seg.nii.gz"),)
     d.organs = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "adrenal_gland_right", "adrenal_gland_left")
     d.label_ids = (5, 1, 2, 3, 7, 8, 9)  # TotalSegmentator ids (labels.json)
@@ -31,7 +26,6 @@ def get_config(loss: str = "combo"):
     d.shape = (96, 96)
     d.slice_axis = 2
     d.num_train = 512
-    config.model.num_classes = 8
     config.model.features = (8, 16, 32, 64)
     config.train.batch_size = 8
     config.train.eval_batch_size = 8

@@ -20,7 +20,6 @@ the organs that are painted (false positives over 10x the true volume) or found 
 import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +29,9 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from combo_jax import training  # noqa: E402
-from combo_jax.data import phantom  # noqa: E402
+from combo_jax.config import read_saved_config
+from combo_jax.data import phantom
+from combo_jax.train_state import init_state
 
 
 def terms(z, labels, *, alpha, beta, smooth=1.0):
@@ -65,16 +64,18 @@ def main():
     ap.add_argument("--first-case", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    with open(os.path.join(args.workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    saved = read_saved_config(args.workdir)
+    saved.get("model", {}).pop("num_classes", None)  # written by older versions; now derived from the data
+    config = ml_collections.ConfigDict(saved)
     alpha = float(config.loss.get("alpha", 0.5))
     beta = float(config.loss.get("beta", 0.5))
     cases = [phantom.make_case(config.data.seed, i, tuple(config.data.shape))
              for i in range(args.first_case, args.first_case + args.cases)]
     images = jnp.asarray(np.stack([c[0] for c in cases]))
     labels = jnp.asarray(np.stack([c[1] for c in cases]))
-    graphdef, state, _, _ = training.init_state(config)
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(args.workdir), "checkpoints", "latest"))
+    graphdef, state, _, _ = init_state(config)
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(args.workdir), "checkpoints", "latest"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     names = phantom.CLASS_NAMES
 

@@ -16,7 +16,7 @@
 #   values other than the loss's own, which the comparison trains, and are then rerun with every value: that
 #   rerun trains nothing and writes the sweep tables.
 # --ct-data: the folder holding example_ct_sm.nii.gz and example_seg.nii.gz (default: the config's own,
-#   ../shared/data/totalsegmentator_ct). Runs with another data root are another configuration to the runner:
+#   ../shared/data/totalsegmentator_ct beside the repository). Runs with another data root are another configuration to the runner:
 #   keep them in another OUT.
 # --archive FILE: at the end, pack OUT's tables and each run's summary.json, report.md, metrics.jsonl and
 #   train.log (no checkpoints) into FILE (.tar.gz), also when the study stopped early.
@@ -64,14 +64,14 @@ export PYTHONUNBUFFERED=1
 started=$(date +%s)
 
 # The loss's own alpha and beta (the comparison's combo runs): left out of the sweeps' first pass on a GPU.
-own() { "$PY" -c "from combo_jax.training import loss_options; print(loss_options('combo')['$1'])"; }
+own() { "$PY" -c "from combo_jax.config import loss_options; print(loss_options('combo')['$1'])"; }
 others() { "$PY" -c "import sys; own = float(sys.argv[2]); print(','.join(v for v in sys.argv[1].split(',') if float(v) != own))" "$1" "$2"; }
 
-phantom_compare=(compare --config configs/study.py --seeds $SEEDS --out "$OUT/phantom")
-phantom_beta=(sweep --config configs/study.py --param loss.beta --seeds $SEEDS --out "$OUT/phantom")
-phantom_alpha=(sweep --config configs/study.py --param loss.alpha --seeds $SEEDS --out "$OUT/phantom")
-ct_compare=(compare --config configs/totalseg_ct.py --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
-ct_beta=(sweep --config configs/totalseg_ct.py --param loss.beta --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
+phantom_compare=(compare --config study --seeds $SEEDS --out "$OUT/phantom")
+phantom_beta=(sweep --config study --param loss.beta --seeds $SEEDS --out "$OUT/phantom")
+phantom_alpha=(sweep --config study --param loss.alpha --seeds $SEEDS --out "$OUT/phantom")
+ct_compare=(compare --config totalseg_ct --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
+ct_beta=(sweep --config totalseg_ct --param loss.beta --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
 
 if [ $GPU = 0 ]; then
   "${EXP[@]}" "${phantom_compare[@]}" --parallel 1

@@ -12,8 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from combo_jax import config as config_lib
 from combo_jax import training
-from configs import tiny
+from combo_jax.configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,8 +73,7 @@ def test_one_device_matches_eight(tiny_run_8, tmp_path):
 
 
 def _train_cmd(workdir, *overrides):
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-            "--workdir", workdir, *overrides]
+    return [sys.executable, "-m", "combo_jax.train", "--config", "tiny", "--workdir", workdir, *overrides]
 
 
 def _env(devices=1):
@@ -106,7 +106,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, how):
     # lands between checkpoints, not after a fast run has already finished.
     worker = [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), f"--record={tmp_path / 'record'}",
               "--slow_after=3"]
-    proc = subprocess.Popen(worker + _train_cmd(broken, *overrides)[2:], env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(worker + _train_cmd(broken, *overrides)[3:], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     _wait_for(os.path.join(broken, "checkpoints", "latest", "3"), proc)
     if how == "sigkill":
@@ -115,8 +115,11 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, how):
         proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     if how == "sigterm":
-        assert proc.returncode == 0, out
-        assert "stopped by signal" in out
+        assert proc.returncode == 128 + signal.SIGTERM, out  # a scheduler must not read it as finished
+        assert "stopped by signal 15" in out
+        # The rows of the steps before the signal were written before the checkpoint.
+        stopped_at = int(out.split("stopped by signal 15 at step ")[1].split(";")[0])
+        assert [r["step"] for r in _rows(broken)] == list(range(1, stopped_at + 1))
     resumed = subprocess.run(_train_cmd(broken, *overrides), env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
@@ -127,6 +130,9 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, how):
         np.testing.assert_array_equal(a, b)
     # The resumed run saw the same batches: its logged losses after the restart equal the uninterrupted ones.
     full_loss = {r["step"]: r["loss"] for r in _rows(full)}
+    # Exactly one row per step, whatever was logged before the interruption.
+    assert [r["step"] for r in _rows(broken)] == list(range(1, 11))
+    assert [r["step"] for r in _rows(broken, "eval")] == [10]
     for r in _rows(broken):
         assert r["loss"] == pytest.approx(full_loss[r["step"]], rel=1e-6), r["step"]
 
@@ -166,20 +172,23 @@ def test_sgd_nesterov_poly_decay_option(tmp_path):
     assert lrs[0] == pytest.approx(0.05) and all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_shipped_configs_are_valid(tmp_path):
-    from configs import default, phantom3d
+def test_shipped_configs_are_valid():
+    from combo_jax.configs import default, phantom3d, study
 
-    for module in (default, phantom3d, tiny):
-        for loss in training.LOSSES:
-            training.check_config(module.get_config(loss), str(tmp_path / "check"), num_devices=1)
+    for module in (default, phantom3d, tiny, study):
+        for loss in config_lib.LOSSES:
+            config = module.get_config(loss)
+            config_lib.check_config(config, num_devices=1)
+            # Every option of the loss is written out in the config (big_vision style).
+            assert set(config.loss.keys()) - {"name"} == set(config_lib.loss_options(loss)), loss
 
 
 def _bad(mutate, match, tmp_path, devices=None):
     config = tiny.get_config()
     mutate(config)
-    with pytest.raises(training.ConfigError, match=match):
+    with pytest.raises(config_lib.ConfigError, match=match):
         training.train_and_evaluate(config, str(tmp_path / "bad"), devices=devices)
-    assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+    assert not os.path.exists(tmp_path / "bad")  # nothing written, not even the folder
 
 
 def test_bad_configs_fail_before_training(tmp_path):
@@ -203,7 +212,7 @@ def test_bad_configs_fail_before_training(tmp_path):
 
     _bad(unknown_loss, "config.loss.name: unknown loss 'hinge'", tmp_path)
     _bad(wrong_option, r"config.loss.alpha is not an option of loss 'dice'", tmp_path)
-    _bad(classes, "config.model.num_classes=5", tmp_path)
+    _bad(classes, "config.model.num_classes is derived from the data", tmp_path)
     _bad(shape, r"config.data.shape=\(31, 32\): every size must be a positive multiple of 2", tmp_path)
     _bad(nonfinite_policy, "on_nonfinite", tmp_path)
     if jax.device_count() >= 4:
@@ -214,7 +223,7 @@ def test_bad_configs_fail_before_training(tmp_path):
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(training.ConfigError, match="not writable"):
+    with pytest.raises(training.WorkdirError, match="not writable"):
         training.train_and_evaluate(tiny.get_config(), str(blocker / "run"))
 
 
@@ -227,7 +236,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
         training.train_and_evaluate(config, str(tmp_path / "nan"), devices=jax.devices()[:1])
 
 
-def test_nonfinite_skip_keeps_parameters_finite(tmp_path):
+def test_nonfinite_skip_keeps_parameters_finite_and_counts_the_skipped_updates(tmp_path):
     config = tiny.get_config()
     config.optimizer.learning_rate = 1e30
     config.optimizer.clip_norm = 1e30
@@ -238,7 +247,10 @@ def test_nonfinite_skip_keeps_parameters_finite(tmp_path):
     training.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     _, params = _final_params(workdir)
     assert all(np.all(np.isfinite(p)) for p in params)
-    assert not all(r["finite"] for r in _rows(workdir))
+    skipped = sum(not r["finite"] for r in _rows(workdir))
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert skipped > 0 and summary["skipped_updates"] == skipped
+    assert f"**{skipped} update(s) were skipped**" in open(os.path.join(workdir, "report.md")).read()
 
 
 def test_resuming_with_another_configuration_is_refused(tmp_path):
@@ -250,7 +262,7 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     changed.train.num_steps = 6
     changed.seed = 1
     changed.model.features = (4, 16)
-    with pytest.raises(training.ConfigError, match=r"config.model.features: \[4, 8\] in the saved run, \[4, 16\] now; "
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.features: \[4, 8\] in the saved run, \[4, 16\] now; "
                                                    r"config.seed: 0 in the saved run, 1 now"):
         training.train_and_evaluate(changed, workdir, devices=jax.devices()[:1])
     assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 0  # the saved run's record is kept
@@ -260,29 +272,65 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     assert [r["step"] for r in _rows(workdir)][-2:] == [5, 6]
 
 
-def test_config_json_is_never_seen_half_written(tmp_path):
-    """Every process of a multi-process job reads config.json (the resume check) while process 0 rewrites it."""
-    import threading
+def _children(pid):
+    kids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
 
-    path = str(tmp_path / "config.json")
-    texts = [json.dumps({"seed": i, "pad": "x" * 200_000}) for i in range(2)]
-    training.write_text_atomic(path, texts[0])
-    torn, done = [], threading.Event()
 
-    def read():
-        while not done.is_set():
-            with open(path) as f:
-                text = f.read()
-            if text not in texts:
-                torn.append(len(text))
+def _slow_run(workdir, tmp_path, *overrides):
+    worker = [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), f"--record={tmp_path / 'rec'}",
+              "--slow_after=0"]
+    return subprocess.Popen(worker + _train_cmd(workdir, *overrides)[3:], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
-    reader = threading.Thread(target=read)
-    reader.start()
+
+def test_a_second_run_on_a_held_workdir_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = _slow_run(workdir, tmp_path, "--config.train.num_steps=30")
     try:
-        for i in range(300):
-            training.write_text_atomic(path, texts[i % 2])
+        _wait_for(os.path.join(workdir, "config.json"), first)
+        second = subprocess.run(_train_cmd(workdir, "--config.train.num_steps=30"), env=_env(), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another run: pid {first.pid} on host" in second.stderr
     finally:
-        done.set()
-        reader.join()
-    assert not torn, f"a reader saw {len(torn)} partial files, e.g. of {torn[0]} characters"
-    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    third = subprocess.run(_train_cmd(workdir, "--config.train.num_steps=4", "--config.train.eval_every=4"),
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"took over the lock of a run that is gone ({first.pid}" in third.stdout
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+def test_grain_workers_exit_when_the_training_process_is_killed(tmp_path):
+    proc = _slow_run(str(tmp_path / "run"), tmp_path, "--config.data.worker_count=2", "--config.train.num_steps=100")
+    try:
+        deadline = time.time() + 120
+        while len(workers := _children(proc.pid)) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.5)
+        _wait_for(os.path.join(tmp_path, "run", "metrics.jsonl"), proc)  # the workers are serving batches
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    deadline = time.time() + 20
+    while any(os.path.exists(f"/proc/{w}") and _state(w) != "Z" for w in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and _state(w) != "Z"], "orphaned grain workers"
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

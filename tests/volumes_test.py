@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from combo_jax import predict, training
-from configs import msd, sct_gm, totalseg_ct
+from combo_jax.configs import msd, sct_gm, totalseg_ct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -65,11 +65,11 @@ def tiny(config, cache_dir, steps=4):
 def msd_config(root, tmp_path, **data):
     config = tiny(msd.get_config(), tmp_path / "cache")
     config.data.root = str(root)
-    config.data.organs = ("big", "small")
-    config.data.label_ids = (1, 2)
+    # Class 1 is the dataset's label 2 and class 2 its label 1: predictions must write the dataset's ids back.
+    config.data.organs = ("small", "big")
+    config.data.label_ids = (2, 1)
     config.data.shape = (16, 16, 8)
     config.eval.window = (16, 16, 8)
-    config.model.num_classes = 3
     for key, value in data.items():
         config.data[key] = value
     return config
@@ -88,7 +88,7 @@ def msd_run(tmp_path_factory):
 def test_msd_folder_trains_and_reports_per_organ(msd_run):
     root, workdir, summary = msd_run
     written = json.load(open(os.path.join(workdir, "summary.json")))
-    assert set(written["organs"]) == {"big", "small"}
+    assert list(written["organs"]) == ["small", "big"]
     assert written["num_val_cases"] == 1 and written["spacing_mm"] == [3.0, 3.0, 2.0]
     for row in written["organs"].values():
         assert {"dice", "precision", "recall", "fp_ml", "fn_ml", "hd95_mm", "msd_mm", "nsd", "share"} <= set(row)
@@ -111,9 +111,18 @@ def test_predict_writes_label_maps_on_the_scan_grid_with_its_affine(msd_run, tmp
     scan = nib.load(str(root / "imagesTs" / "new_0.nii.gz"))
     assert written.shape == scan.shape  # back on the scan's 1.5 mm grid after predicting at 3 mm
     np.testing.assert_allclose(written.affine, scan.affine)
-    values = np.unique(np.asarray(written.dataobj))
-    assert written.get_data_dtype() == np.uint8 and set(values) <= {0, 1, 2}
-    assert json.load(open(out / "classes.json"))["classes"] == ["background", "big", "small"]
+    ids = np.asarray(written.dataobj)
+    assert written.get_data_dtype() == np.uint8 and set(np.unique(ids)) <= {0, 1, 2}
+    record = json.load(open(out / "classes.json"))
+    assert record["classes"] == {"background": 0, "small": 2, "big": 1} and record["values"] == "dataset label ids"
+    assert record["outputs"] == {"new_0.nii.gz": str(root / "imagesTs" / "new_0.nii.gz")}
+    # --class_indices writes 0..K-1 instead: the same prediction, relabelled.
+    out2 = tmp_path / "pred_indices"
+    assert predict.main(["--workdir", workdir, "--input", str(root / "imagesTs"), "--output", str(out2),
+                         "--class_indices"]) == 0
+    indices = np.asarray(nib.load(str(out2 / "new_0.nii.gz")).dataobj)
+    np.testing.assert_array_equal(np.array([0, 2, 1])[indices], ids)
+    assert (ids > 0).any(), "the toy organs are found"
 
 
 def test_predict_errors_name_the_problem(msd_run, tmp_path, capsys):
@@ -124,22 +133,74 @@ def test_predict_errors_name_the_problem(msd_run, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     bad = tmp_path / "bad.nii.gz"
     _write(bad, np.full((8, 8, 4), np.nan, np.float32))
-    assert predict.main(["--workdir", workdir, "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert predict.main(["--workdir", workdir, "--input", str(bad), "--output", str(tmp_path / "o")]) == 1
     assert "NaN" in capsys.readouterr().err
+
+
+def test_predict_never_overwrites_scans_or_earlier_predictions(msd_run, tmp_path, capsys):
+    root, workdir, _ = msd_run
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (scans / name).write_bytes((root / "imagesTs" / "new_0.nii.gz").read_bytes())
+    before = {p.name: p.read_bytes() for p in scans.iterdir()}
+
+    def run(*args):
+        return predict.main(["--workdir", workdir, "--input", str(scans), *args])
+
+    assert run("--output", str(scans)) == 2  # the input folder itself
+    assert "holds the input scans" in capsys.readouterr().err
+    assert run("--output", str(tmp_path)) == 2  # a folder above it
+    assert "holds the input scans" in capsys.readouterr().err
+    assert run("--input", str(scans / "a.nii.gz"), "--output", str(scans)) == 2  # one scan, its own folder
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in scans.iterdir()} == before
+    out = tmp_path / "out"
+    assert run("--output", str(out)) == 0
+    first = (out / "a.nii.gz").read_bytes()
+    assert run("--output", str(out)) == 2  # earlier predictions are kept unless --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    (out / "a.nii.gz").write_bytes(b"edited by hand")
+    assert run("--output", str(out), "--overwrite") == 0
+    assert (out / "a.nii.gz").read_bytes() == first
+
+
+def test_predict_writes_every_good_scan_and_reports_every_bad_one(msd_run, tmp_path, capsys):
+    root, workdir, _ = msd_run
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = (root / "imagesTs" / "new_0.nii.gz").read_bytes()
+    (scans / "a.nii.gz").write_bytes(good)
+    (scans / "b.nii.gz").write_bytes(good[: len(good) // 3])  # truncated
+    (scans / "c.nii.gz").write_bytes(good)
+    nib.save(nib.load(str(scans / "c.nii.gz")), str(scans / "c.nii"))  # same name, other file type
+    out = tmp_path / "out"
+    assert predict.main(["--workdir", workdir, "--input", str(scans), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 4 scan(s) failed" in err and "b.nii.gz" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c_nii.nii.gz", "c_nii_gz.nii.gz", "classes.json"]
+    record = json.load(open(out / "classes.json"))
+    assert record["outputs"]["c_nii.nii.gz"].endswith("c.nii") and list(record["failed"]) == [str(scans / "b.nii.gz")]
 
 
 def _fails_before_training(config, workdir, match):
     with pytest.raises(ValueError, match=match):
         training.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
-    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    assert not os.path.exists(workdir)  # nothing written, not even the folder
 
 
 def test_dataset_problems_fail_before_training(tmp_path):
     root = make_msd_task(tmp_path / "task")
-    _fails_before_training(msd_config(tmp_path / "missing", tmp_path), tmp_path / "r1", "is not a directory")
+    _fails_before_training(msd_config(tmp_path / "missing", tmp_path), tmp_path / "r1", "is not a folder")
     _fails_before_training(msd_config(root, tmp_path, label_ids=(1,)), tmp_path / "r2", "one dataset label id per organ")
     _fails_before_training(msd_config(root, tmp_path, num_val=3), tmp_path / "r3", "num_val=3 must hold out")
     _fails_before_training(msd_config(root, tmp_path, val_slab=(2, 4)), tmp_path / "r4", "splits a single case")
+    # Label ids: one the dataset does not declare, one given twice, background.
+    _fails_before_training(msd_config(root, tmp_path, label_ids=(2, 5)), tmp_path / "r8",
+                           r"config.data.label_ids: 5 \(organ 'big'\) not among the label ids .*dataset.json declares \(0, 1, 2\)")
+    _fails_before_training(msd_config(root, tmp_path, label_ids=(1, 1)), tmp_path / "r9",
+                           r"names label id\(s\) \[1\] for more than one organ")
+    _fails_before_training(msd_config(root, tmp_path, label_ids=(0, 1)), tmp_path / "r10", "0 is the background")
     config = msd_config(root, tmp_path)
     config.data.augment.gamma = 0.3
     _fails_before_training(config, tmp_path / "r5", r"config.data.augment has unknown options \['gamma'\]")

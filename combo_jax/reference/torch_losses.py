@@ -100,8 +100,8 @@ def soft_dice(probs, onehot, *, smooth_nr=1.0, smooth_dr=1.0, squared_pred=False
     return (2 * inter + smooth_nr) / (denom + smooth_dr)
 
 
-def weighted_cross_entropy(logits, labels, *, beta=0.5, activation="softmax", include_background=False,
-                           class_weights=None, where=None, ignore_index=None):
+def _wce_per_organ(logits, labels, beta, activation, include_background, class_weights, where, ignore_index):
+    """(B, C) per-sample, per-organ weighted cross-entropy terms whose mean is the loss."""
     logits = _promote(logits)
     t, mask = _target_and_mask(logits, labels, where, ignore_index)
     lp, l1m = _logs(logits, activation)
@@ -113,24 +113,32 @@ def weighted_cross_entropy(logits, labels, *, beta=0.5, activation="softmax", in
         term = term * w.view(1, -1, *([1] * (logits.ndim - 2)))
     if mask is not None:
         term = term * mask
-    return -term.sum() / (_count(mask, logits) * term.shape[1])
+    per_sample = -term.sum(dim=tuple(range(2, term.ndim)))  # (B, C)
+    return per_sample * logits.shape[0] / _count(mask, logits)
+
+
+def weighted_cross_entropy(logits, labels, *, beta=0.5, activation="softmax", include_background=False,
+                           class_weights=None, where=None, ignore_index=None, reduction="mean"):
+    logits = _promote(logits)
+    terms = _wce_per_organ(logits, labels, beta, activation, include_background, class_weights, where,
+                           ignore_index)
+    return _reduce(terms, reduction)
 
 
 def combo_loss(logits, labels, *, alpha=0.5, beta=0.5, smooth=1.0, activation="softmax",
-               include_background=False, batch_dice=False, class_weights=None, where=None, ignore_index=None):
+               include_background=False, batch_dice=False, class_weights=None, where=None, ignore_index=None,
+               reduction="mean"):
     logits = _promote(logits)
     t, mask = _target_and_mask(logits, labels, where, ignore_index)
     c0 = _first(activation, include_background)
-    ce = weighted_cross_entropy(logits, labels, beta=beta, activation=activation,
-                                include_background=include_background, class_weights=class_weights,
-                                where=where, ignore_index=ignore_index)
+    ce = _wce_per_organ(logits, labels, beta, activation, include_background, class_weights, where, ignore_index)
     p = _probs(logits, activation)
     if mask is not None:
         p, t = p * mask, t * mask
     d = soft_dice(p[:, c0:], t[:, c0:], smooth_nr=smooth, smooth_dr=smooth, batch_dice=batch_dice)
     if class_weights is not None:
         d = d * torch.as_tensor(class_weights, dtype=logits.dtype)[c0:]
-    return alpha * ce - (1 - alpha) * d.mean()
+    return _reduce(alpha * ce - (1 - alpha) * d.expand_as(ce), reduction)
 
 
 def dice_loss(logits, labels, *, activation="softmax", smooth_nr=1e-5, smooth_dr=1e-5, squared_pred=False,

@@ -16,7 +16,7 @@ counts the seeds where B > A and where B < A, drops ties, and gives the exact bi
 that many B > A under "no effect" (each sign equally likely); the bootstrap interval is a percentile interval
 of the mean paired difference B - A over seeds resampled with replacement (deterministic: a fixed generator).
 
-Records are the dictionaries of :func:`combo_jax.experiments.read_run`: ``{"run", "seed", "organs": {name:
+Records are the dictionaries of :func:`combo_jax.experiments.results.read_run`: ``{"run", "seed", "organs": {name:
 {"fp_voxels", "true_voxels", "recall", ...}}}``.
 """
 
