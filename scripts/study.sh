@@ -48,12 +48,24 @@ pack() {
 }
 trap pack EXIT
 
-if ! "$PY" -c "import grain, ml_collections, nibabel, tensorboardX" 2>/dev/null; then
+case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+[ -z "$CT_DATA" ] || CT_DATA=$(cd "$CT_DATA" && pwd)
+[ -z "$ARCHIVE" ] || ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
+
+# A Python without the training extra or without combo_jax installed (a GPU machine's image, say): install the
+# wheels of ./.whl and this checkout into /tmp/study_site, and run from outside the checkout so that the
+# installed package (with its combo_jax.configs) is the one imported.
+if ! "$PY" -c "import grain, ml_collections, nibabel, tensorboardX, combo_jax.configs" 2>/dev/null; then
+  site=/tmp/study_site
   if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/study_site .whl/*.whl
-    export PYTHONPATH=/tmp/study_site${PYTHONPATH:+:$PYTHONPATH}
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl
   fi
-  "$PY" -c "import grain, ml_collections, nibabel, tensorboardX" || { echo "missing Python packages (see above)" >&2; exit 1; }
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target $site .
+  cd /tmp
+  "$PY" -c "import grain, ml_collections, nibabel, tensorboardX, combo_jax.configs" \
+    || { echo "missing Python packages (see above)" >&2; exit 1; }
 fi
 
 SEEDS=5; CT_SEEDS=3
