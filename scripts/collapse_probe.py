@@ -57,6 +57,14 @@ def terms(z, labels, *, alpha, beta, smooth=1.0):
     }
 
 
+def _lookup(tree, path):
+    """The leaf of a restored nested dict at a pytree key path (dict keys and attribute names alike)."""
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+        tree = tree[name] if name in tree else tree[str(name)]
+    return jnp.asarray(tree)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("workdir")
@@ -76,7 +84,8 @@ def main():
     graphdef, state, _, _ = init_state(config)
     manager = ocp.CheckpointManager(os.path.join(os.path.abspath(args.workdir), "checkpoints", "latest"),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    # Only the parameters are read (by their paths), so checkpoints of other versions of the training state load.
+    param_paths, param_def = jax.tree_util.tree_flatten_with_path(state.params)
     names = phantom.CLASS_NAMES
 
     @jax.jit
@@ -100,8 +109,8 @@ def main():
 
     rows = []
     for step in sorted(manager.all_steps()):
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        params = restored["state"].params
+        raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+        params = jax.tree_util.tree_unflatten(param_def, [_lookup(raw, path) for path, _ in param_paths])
         out = probe(params)
         z = np.asarray(out["z"])
         pred = z.argmax(-1)
