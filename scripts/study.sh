@@ -47,6 +47,11 @@ pack() {
   ls -l "$ARCHIVE"
 }
 trap pack EXIT
+# SIGTERM or Ctrl-C to this script reaches the study commands, which ask their trainings to save and stop.
+children=()
+forward() { [ ${#children[@]} = 0 ] || kill -TERM "${children[@]}" 2>/dev/null; wait; exit 130; }
+trap forward TERM INT
+run() { "$@" & children=($!); wait "${children[0]}"; local rc=$?; children=(); return $rc; }
 
 case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -86,25 +91,26 @@ ct_compare=(compare --config totalseg_ct --seeds $CT_SEEDS --out "$OUT/totalseg_
 ct_beta=(sweep --config totalseg_ct --param loss.beta --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
 
 if [ $GPU = 0 ]; then
-  "${EXP[@]}" "${phantom_compare[@]}" --parallel 1
-  "${EXP[@]}" "${phantom_beta[@]}" --values $VALUES --parallel 1
-  "${EXP[@]}" "${phantom_alpha[@]}" --values $VALUES --parallel 1
-  "${EXP[@]}" "${ct_compare[@]}" --parallel 1
-  "${EXP[@]}" "${ct_beta[@]}" --values $CT_BETAS --parallel 1
+  run "${EXP[@]}" "${phantom_compare[@]}" --parallel 1
+  run "${EXP[@]}" "${phantom_beta[@]}" --values $VALUES --parallel 1
+  run "${EXP[@]}" "${phantom_alpha[@]}" --values $VALUES --parallel 1
+  run "${EXP[@]}" "${ct_compare[@]}" --parallel 1
+  run "${EXP[@]}" "${ct_beta[@]}" --values $CT_BETAS --parallel 1
 else
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   CACHE=(--compile-cache "$OUT/jax_cache")
   mkdir -p "$OUT/phantom" "$OUT/totalseg_ct"
   beta=$(own beta); alpha=$(own alpha)
   limit=(); [ "$DEADLINE" -gt 0 ] && limit=(timeout -s TERM -k 120 "$DEADLINE")
-  pids=()
-  "${limit[@]}" "${EXP[@]}" "${phantom_compare[@]}" --parallel 6 "${CACHE[@]}" > "$OUT/phantom_compare.log" 2>&1 & pids+=($!)
-  "${limit[@]}" "${EXP[@]}" "${phantom_beta[@]}" --values "$(others $VALUES "$beta")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_beta.log" 2>&1 & pids+=($!)
-  "${limit[@]}" "${EXP[@]}" "${phantom_alpha[@]}" --values "$(others $VALUES "$alpha")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_alpha.log" 2>&1 & pids+=($!)
-  "${limit[@]}" "${EXP[@]}" "${ct_compare[@]}" --parallel 3 "${CACHE[@]}" > "$OUT/ct_compare.log" 2>&1 & pids+=($!)
-  "${limit[@]}" "${EXP[@]}" "${ct_beta[@]}" --values "$(others $CT_BETAS "$beta")" --parallel 1 "${CACHE[@]}" > "$OUT/ct_beta.log" 2>&1 & pids+=($!)
+  children=()
+  "${limit[@]}" "${EXP[@]}" "${phantom_compare[@]}" --parallel 6 "${CACHE[@]}" > "$OUT/phantom_compare.log" 2>&1 & children+=($!)
+  "${limit[@]}" "${EXP[@]}" "${phantom_beta[@]}" --values "$(others $VALUES "$beta")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_beta.log" 2>&1 & children+=($!)
+  "${limit[@]}" "${EXP[@]}" "${phantom_alpha[@]}" --values "$(others $VALUES "$alpha")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_alpha.log" 2>&1 & children+=($!)
+  "${limit[@]}" "${EXP[@]}" "${ct_compare[@]}" --parallel 3 "${CACHE[@]}" > "$OUT/ct_compare.log" 2>&1 & children+=($!)
+  "${limit[@]}" "${EXP[@]}" "${ct_beta[@]}" --values "$(others $CT_BETAS "$beta")" --parallel 1 "${CACHE[@]}" > "$OUT/ct_beta.log" 2>&1 & children+=($!)
   status=0
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for pid in "${children[@]}"; do wait "$pid" || status=1; done
+  children=()
   tail -n 3 "$OUT"/*.log
   [ $status = 0 ] || { echo "a study command failed; see $OUT/*.log (rerun this script to resume)" >&2; exit 1; }
   "${EXP[@]}" "${phantom_beta[@]}" --values $VALUES "${CACHE[@]}"
