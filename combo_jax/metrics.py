@@ -12,25 +12,28 @@ Surface-distance metrics (host-side numpy/scipy, one volume at a time, distances
 spacing) come after the overlap metrics: ``surface_distances``, ``hausdorff95``, ``mean_surface_distance``,
 ``normalized_surface_dice``, the per-organ table ``surface_metrics`` and ``mean_finite`` for averaging over cases.
 
-* **Surface.** The surface of a mask is the set of its voxels with at least one face neighbour (2 per axis:
-  4 in 2D, 6 in 3D) outside the mask, where anything beyond the array counts as outside:
-  ``mask & ~binary_erosion(mask)`` with scipy's face-connected structuring element and ``border_value=0``.
-  This is MONAI's surface (``get_mask_edges`` without sub-voxel areas).
-* **Distances** run from the centre of each surface voxel of one mask to the nearest surface voxel centre of
-  the other (exact Euclidean distance, ``distance_transform_edt(..., sampling=spacing)``), so a prediction
-  that equals the truth has every distance 0.
+* **Boundary elements** (Nikolov et al. 2021; DeepMind's ``surface-distance`` package): the boundary of a mask
+  lies on the grid of voxel corners. A corner whose 2x2 (2D) or 2x2x2 (3D) neighbourhood holds voxels inside and
+  outside the mask is a boundary element; its size is the length (2D) or area (3D) of the marching-squares
+  (marching-cubes) boundary at 0.5 inside that cell, at the voxel spacing (tables in ``_surface_tables.py``).
+  Everything beyond the array counts as outside, so a mask touching the edge is closed there.
+* **Distances** run from each boundary element of one mask to the nearest of the other (exact Euclidean,
+  ``distance_transform_edt(..., sampling=spacing)``); a prediction equal to the truth has every distance 0.
+  HD95, the mean surface distance and the normalized surface Dice weigh each element by its size, so an
+  oblique boundary is not over- or under-counted on an anisotropic grid; they agree with the package's
+  ``compute_robust_hausdorff``, ``compute_average_surface_distance`` (pooled) and
+  ``compute_surface_dice_at_tolerance`` (tested to 1e-6).
 * **Empty masks.** Both empty (the organ absent and not predicted): HD95 = 0, mean surface distance = 0,
   NSD = 1, agreement on absence as for Dice above. Exactly one empty: HD95 = inf, mean surface distance =
-  inf, NSD = 0. MONAI returns nan for all three when both are empty, and for exactly one empty nan for
-  HD95, inf for the average surface distance and 0 for the surface Dice; elsewhere the values agree with
-  MONAI's ``compute_hausdorff_distance(percentile=95)``, ``compute_average_surface_distance(symmetric=True)``
-  and ``compute_surface_dice(use_subvoxels=False)`` with the same spacing (tested).
+  inf, NSD = 0. (The package gives nan for both empty.)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,86 +133,130 @@ def _check_masks(pred_mask, true_mask, spacing, fn: str):
 
 
 def _crop_to_union(pred: np.ndarray, true: np.ndarray):
-    """Both masks cut to the bounding box of their union (the distances only involve voxels inside it).
+    """Both masks cut to the bounding box of their union, padded by one outside voxel on every side.
 
-    Voxels outside the box are outside both masks, so the surfaces found in the box (with outside-the-array
-    counted as outside) are the surfaces of the full masks, and the Euclidean distances between them are the same.
+    Voxels outside the box are outside both masks, so the boundaries found in the padded box are the boundaries of
+    the full masks (a mask touching the array's edge is closed there), and the distances between them the same.
     """
     union = pred | true
-    if not union.any():
-        return pred, true
     box = []
     for axis in range(union.ndim):
         others = tuple(a for a in range(union.ndim) if a != axis)
         present = np.flatnonzero(union.any(axis=others) if others else union)
         box.append(slice(present[0], present[-1] + 1))
-    return pred[tuple(box)], true[tuple(box)]
+    return (np.pad(m[tuple(box)], 1) for m in (pred, true))
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of the mask with a face neighbour outside it (outside the array counts as outside)."""
-    faces = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=faces, border_value=0)
+def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
+    """The code of every cell of the corner grid: bit i set when the i-th voxel of its 2^d neighbourhood is inside."""
+    d = mask.ndim
+    codes = np.zeros(tuple(s - 1 for s in mask.shape), np.int32)
+    for i in range(2**d):
+        offset = [(i >> (d - 1 - a)) & 1 for a in range(d)]
+        window = tuple(slice(o, o + s - 1) for o, s in zip(offset, mask.shape))
+        codes |= mask[window].astype(np.int32) << i
+    return codes
 
 
-def _directed(source: np.ndarray, target: np.ndarray, spacing) -> np.ndarray:
-    """Distance from each voxel of the `source` surface to the nearest voxel of the `target` surface (mm)."""
-    if not source.any():
-        return np.zeros((0,), np.float64)
-    if not target.any():
-        return np.full((np.count_nonzero(source),), np.inf)
-    return ndimage.distance_transform_edt(~target, sampling=spacing)[source]
+@functools.lru_cache(maxsize=64)
+def _code_areas(spacing: tuple[float, ...]) -> np.ndarray:
+    """Area (3D, mm^2) or length (2D, mm) of the boundary inside a cell of each code, at ``spacing``."""
+    from combo_jax import _surface_tables
+
+    if len(spacing) == 2:
+        s = np.asarray(spacing)
+        return np.asarray([sum(float(np.linalg.norm(np.asarray(v) * s)) for v in segs) for segs in _surface_tables.SEGMENTS_2D])
+    s0, s1, s2 = spacing
+    scale = np.asarray([s1 * s2, s0 * s2, s0 * s1])
+    return np.asarray([sum(float(np.linalg.norm(np.asarray(n) * scale)) for n in tris) for tris in _surface_tables.TRIANGLES_3D])
 
 
-def surface_distances(pred_mask, true_mask, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Directed surface distances between two binary masks, in mm.
+class SurfaceDistances(NamedTuple):
+    """Boundary elements of two masks, each with its size and its distance to the other mask's boundary.
 
-    For surfaces :math:`S_p` (prediction) and :math:`S_t` (truth), see the module docstring for which voxels
-    they hold,
+    ``pred_to_true[i]`` is the distance (mm) from the i-th boundary element of the prediction to the nearest one of
+    the truth, ``pred_areas[i]`` its area (3D, mm^2) or length (2D, mm); likewise the other way round.
+    """
 
-    .. math::
-        d_{p \\to t}(x) = \\min_{y \\in S_t} \\lVert (x - y) \\odot s \\rVert_2 \\quad (x \\in S_p),
+    pred_to_true: np.ndarray
+    pred_areas: np.ndarray
+    true_to_pred: np.ndarray
+    true_areas: np.ndarray
 
-    with voxel indices :math:`x, y` and spacing :math:`s`, and the same the other way round.
+
+def surface_distances(pred_mask, true_mask, spacing: Sequence[float]) -> SurfaceDistances:
+    """Boundary elements of a predicted and a true mask (2D or 3D) with their sizes and mutual distances, in mm.
+
+    The boundary lies on the grid of voxel corners, as in Nikolov et al. (2021) and DeepMind's
+    ``surface-distance`` package: a corner whose 2x2 (2x2x2) neighbourhood holds voxels inside and outside the mask
+    is a boundary element, and its size is the length (area) of the marching-squares (marching-cubes) boundary at
+    0.5 inside that cell, at the voxel spacing. Distances run from each element of one boundary to the nearest
+    element of the other (exact Euclidean, ``distance_transform_edt`` with ``sampling=spacing``).
 
     Args:
-      pred_mask: predicted mask, any number of axes (nonzero = inside).
+      pred_mask: predicted mask, 2 or 3 axes (nonzero = inside).
       true_mask: true mask, same shape.
-      spacing: voxel size in mm along each axis, ``len(spacing) == pred_mask.ndim``.
+      spacing: voxel size in mm along each axis.
 
     Returns:
-      ``(pred_to_true, true_to_pred)``: float64 arrays of shape ``(|S_p|,)`` and ``(|S_t|,)``, surface voxels in
-      C order. When one mask is empty its array is empty and the other's holds ``inf``.
+      :class:`SurfaceDistances`; a mask without voxels has no elements, and then every distance from the other's
+      elements is ``inf``.
     """
     pred, true, spacing = _check_masks(pred_mask, true_mask, spacing, "surface_distances")
+    if pred.ndim not in (2, 3):
+        raise ValueError(f"surface_distances: masks must have 2 or 3 axes, got shape {pred.shape}")
+    empty = np.zeros((0,), np.float64)
+    if not (pred.any() or true.any()):
+        return SurfaceDistances(empty, empty, empty, empty)
     pred, true = _crop_to_union(pred, true)
-    pred_surface, true_surface = _surface(pred), _surface(true)
-    return _directed(pred_surface, true_surface, spacing), _directed(true_surface, pred_surface, spacing)
+    areas = _code_areas(spacing)
+    full = 2 ** (2 ** pred.ndim) - 1  # every voxel of the neighbourhood inside
+    codes = [_neighbour_codes(m) for m in (pred, true)]
+    borders = [(c != 0) & (c != full) for c in codes]
+
+    def to_other(source, target):
+        if not source.any():
+            return empty
+        if not target.any():
+            return np.full((np.count_nonzero(source),), np.inf)
+        return ndimage.distance_transform_edt(~target, sampling=spacing)[source]
+
+    return SurfaceDistances(to_other(borders[0], borders[1]), areas[codes[0][borders[0]]],
+                            to_other(borders[1], borders[0]), areas[codes[1][borders[1]]])
 
 
-def _hausdorff(pred_to_true, true_to_pred, percentile: float) -> float:
-    if pred_to_true.size == 0 and true_to_pred.size == 0:
+def _weighted_percentile(distances: np.ndarray, areas: np.ndarray, percentile: float) -> float:
+    """The smallest distance whose elements, with all nearer ones, hold ``percentile`` % of the boundary's size."""
+    order = np.argsort(distances, kind="stable")
+    cumulative = np.cumsum(areas[order]) / np.sum(areas)
+    index = min(int(np.searchsorted(cumulative, percentile / 100.0)), len(order) - 1)
+    return float(distances[order][index])
+
+
+def _hausdorff(sd: SurfaceDistances, percentile: float) -> float:
+    if sd.pred_to_true.size == 0 and sd.true_to_pred.size == 0:
         return 0.0
-    if pred_to_true.size == 0 or true_to_pred.size == 0:
+    if sd.pred_to_true.size == 0 or sd.true_to_pred.size == 0:
         return math.inf
-    return float(max(np.percentile(pred_to_true, percentile), np.percentile(true_to_pred, percentile)))
+    return max(_weighted_percentile(sd.pred_to_true, sd.pred_areas, percentile),
+               _weighted_percentile(sd.true_to_pred, sd.true_areas, percentile))
 
 
-def _mean_distance(pred_to_true, true_to_pred) -> float:
-    count = pred_to_true.size + true_to_pred.size
-    if count == 0:
+def _mean_distance(sd: SurfaceDistances) -> float:
+    if sd.pred_to_true.size == 0 and sd.true_to_pred.size == 0:
         return 0.0
-    if pred_to_true.size == 0 or true_to_pred.size == 0:
+    if sd.pred_to_true.size == 0 or sd.true_to_pred.size == 0:
         return math.inf
-    return float((pred_to_true.sum() + true_to_pred.sum()) / count)
+    total = np.sum(sd.pred_areas) + np.sum(sd.true_areas)
+    return float((np.sum(sd.pred_to_true * sd.pred_areas) + np.sum(sd.true_to_pred * sd.true_areas)) / total)
 
 
-def _surface_dice(pred_to_true, true_to_pred, tolerance_mm: float) -> float:
-    count = pred_to_true.size + true_to_pred.size
-    if count == 0:
+def _surface_dice(sd: SurfaceDistances, tolerance_mm: float) -> float:
+    total = np.sum(sd.pred_areas) + np.sum(sd.true_areas)
+    if sd.pred_to_true.size == 0 and sd.true_to_pred.size == 0:
         return 1.0
-    within = np.count_nonzero(pred_to_true <= tolerance_mm) + np.count_nonzero(true_to_pred <= tolerance_mm)
-    return float(within / count)
+    within = np.sum(sd.pred_areas[sd.pred_to_true <= tolerance_mm]) + np.sum(sd.true_areas[sd.true_to_pred <= tolerance_mm])
+    return float(within / total)
 
 
 def _check_percentile(percentile, fn):
@@ -223,51 +270,44 @@ def _check_tolerance(tolerance_mm, fn):
 
 
 def hausdorff95(pred_mask, true_mask, spacing: Sequence[float], *, percentile: float = 95.0) -> float:
-    """Robust Hausdorff distance in mm: the larger of the two directed 95th percentiles.
+    """Robust Hausdorff distance in mm: the larger of the two directed 95th percentiles, weighted by area.
 
     .. math::
-        HD_{95} = \\max\\big(P_{95}(d_{p \\to t}),\\; P_{95}(d_{t \\to p})\\big)
+        HD_{95} = \\max\\big(P_{95}(d_{p \\to t}; a_p),\\; P_{95}(d_{t \\to p}; a_t)\\big)
 
-    with :math:`P_q` numpy's default (linear-interpolation) percentile. This is MONAI's definition
-    (``compute_hausdorff_distance(percentile=95)``): each directed set gets its own percentile, rather than one
-    percentile of the pooled set. ``percentile=100`` gives the classical Hausdorff distance. Both masks empty:
-    0; exactly one empty: inf (MONAI: nan in both cases).
-
-    Args:
-      pred_mask, true_mask: binary masks of the same shape (nonzero = inside).
-      spacing: voxel size in mm per axis.
-      percentile: in [0, 100].
+    with :math:`P_q(d; a)` the smallest distance such that the boundary elements at or below it hold q % of the
+    boundary's area (:func:`surface_distances`): DeepMind's ``compute_robust_hausdorff``. ``percentile=100`` gives
+    the classical Hausdorff distance of the boundaries. Both masks empty: 0; exactly one empty: inf.
     """
     _check_percentile(percentile, "hausdorff95")
-    return _hausdorff(*surface_distances(pred_mask, true_mask, spacing), percentile)
+    return _hausdorff(surface_distances(pred_mask, true_mask, spacing), percentile)
 
 
 def mean_surface_distance(pred_mask, true_mask, spacing: Sequence[float]) -> float:
-    """Symmetric mean surface distance in mm, pooled over both surfaces.
+    """Symmetric mean surface distance in mm: the area-weighted mean over the elements of both boundaries.
 
     .. math::
-        MSD = \\frac{\\sum_{x \\in S_p} d_{p \\to t}(x) + \\sum_{y \\in S_t} d_{t \\to p}(y)}{|S_p| + |S_t|}
+        MSD = \\frac{\\sum_{x} a_p(x)\\, d_{p \\to t}(x) + \\sum_{y} a_t(y)\\, d_{t \\to p}(y)}{\\sum_x a_p(x) + \\sum_y a_t(y)}
 
-    This is MONAI's ``compute_average_surface_distance(symmetric=True)``, which averages the concatenation of
-    both directed sets; it is not the average of the two directed means (the two agree when both surfaces have
-    the same number of voxels). Both masks empty: 0; exactly one empty: inf (MONAI: nan and inf).
+    (DeepMind's ``compute_average_surface_distance`` gives the two directed means; this pools them, weighted by
+    each boundary's area.) Both masks empty: 0; exactly one empty: inf.
     """
-    return _mean_distance(*surface_distances(pred_mask, true_mask, spacing))
+    return _mean_distance(surface_distances(pred_mask, true_mask, spacing))
 
 
 def normalized_surface_dice(pred_mask, true_mask, spacing: Sequence[float], tolerance_mm: float) -> float:
-    """Normalized surface Dice (Nikolov et al. 2021): the share of both surfaces within `tolerance_mm` of the other.
+    """Normalized surface Dice (Nikolov et al. 2021): the share of both boundaries' area within `tolerance_mm` of
+    the other boundary.
 
     .. math::
-        NSD_\\tau = \\frac{|\\{x \\in S_p : d_{p \\to t}(x) \\le \\tau\\}| + |\\{y \\in S_t : d_{t \\to p}(y) \\le \\tau\\}|}
-                      {|S_p| + |S_t|}
+        NSD_\\tau = \\frac{\\sum_{x: d_{p \\to t}(x) \\le \\tau} a_p(x) + \\sum_{y: d_{t \\to p}(y) \\le \\tau} a_t(y)}
+                      {\\sum_x a_p(x) + \\sum_y a_t(y)}
 
-    Every surface voxel counts once, whatever its orientation: this is the voxel-count form (MONAI's
-    ``compute_surface_dice(use_subvoxels=False)``), not the paper's area-weighted surface elements. Both masks
-    empty: 1; exactly one empty: 0 (MONAI: nan and 0).
+    Each boundary element counts with its area (:func:`surface_distances`), as in the paper and DeepMind's
+    ``compute_surface_dice_at_tolerance``. Both masks empty: 1; exactly one empty: 0.
     """
     _check_tolerance(tolerance_mm, "normalized_surface_dice")
-    return _surface_dice(*surface_distances(pred_mask, true_mask, spacing), tolerance_mm)
+    return _surface_dice(surface_distances(pred_mask, true_mask, spacing), tolerance_mm)
 
 
 def surface_metrics(
@@ -304,14 +344,8 @@ def surface_metrics(
     _check_tolerance(tolerance_mm, "surface_metrics")
     table = {}
     for k in range(first_organ, num_classes):
-        pred_k, true_k = _crop_to_union(pred == k, labels == k)
-        pred_surface, true_surface = _surface(pred_k), _surface(true_k)
-        distances = (_directed(pred_surface, true_surface, spacing), _directed(true_surface, pred_surface, spacing))
-        table[k] = {
-            "hd95_mm": _hausdorff(*distances, 95.0),
-            "msd_mm": _mean_distance(*distances),
-            "nsd": _surface_dice(*distances, tolerance_mm),
-        }
+        sd = surface_distances(pred == k, labels == k, spacing)
+        table[k] = {"hd95_mm": _hausdorff(sd, 95.0), "msd_mm": _mean_distance(sd), "nsd": _surface_dice(sd, tolerance_mm)}
     return table
 
 
