@@ -53,11 +53,11 @@ $(AOT_STAMP): $(STAMP) pyproject.toml
 aot: $(AOT_STAMP)
 	for target in $(AOT_TARGETS); do $(AOT_PY) benchmarks/aot.py --target $$target || exit 1; done
 
-# The loss study of docs/results.md on the phantom (about an hour on 2 CPU cores; resumes if interrupted).
+# The loss study of docs/results.md: the phantom (5 seeds per setting) and the CT sample (3 seeds), one training
+# at a time; about 4 hours on 2 CPU cores; resumes if interrupted. scripts/study.sh --gpu runs it on a GPU machine.
 study: $(STAMP)
-	$(PY) -m combo_jax.experiments compare --config study --seeds 2 --out results/phantom --parallel 2
-	$(PY) -m combo_jax.experiments sweep --config study --param loss.beta --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
-	$(PY) -m combo_jax.experiments sweep --config study --param loss.alpha --values 0.1,0.3,0.5,0.7,0.9 --seeds 2 --out results/phantom --parallel 2
+	scripts/study.sh --python $(PY) results
+	$(PY) scripts/results_tables.py --results results --out docs/results_tables.md
 
 clean:
 	rm -rf $(VENV) $(AOT_VENV)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from combo_jax import config as config_lib
-from combo_jax.experiments import cli, plan, report, results, runner
+from combo_jax.experiments import cli, plan, report, results, runner, stats
 from combo_jax.experiments.plan import StudyError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,6 +248,61 @@ def test_sweep_tables_targets_and_plot_from_hand_made_summaries(tmp_path):
         report.write_sweep(runs, out, param="loss.beta", values=values, default=default)
 
 
+def test_collapses_and_seed_by_seed_signs_from_hand_made_summaries(tmp_path):
+    out = str(tmp_path)
+    seeds = [0, 1, 2, 3, 4]
+    runs, _, default, values = plan.plan_sweep(config=TINY, param="loss.beta", values=["0.1", "0.9"],
+                                                      seeds=seeds, out=out, sets={})
+    by = {(r.value, r.seed): r for r in runs}
+    # pancreas (1000 true voxels): FP rises from 0.1 to 0.9 in seeds 0-3 and is tied in seed 4; FN falls in
+    # seeds 0-2 and rises in 3-4. Seed 1 at beta 0.9 paints the adrenal (10001 > 10 x 1000 FP voxels);
+    # seed 2 at beta 0.1 misses it (recall 0.05); seed 3 at 0.9 has exactly 10x (not a collapse).
+    fp = {0.1: [100, 100, 100, 100, 100], 0.9: [200, 300, 400, 500, 100]}
+    fn = {0.1: [500, 500, 500, 500, 500], 0.9: [400, 300, 200, 600, 700]}
+    adrenal = {(0.9, 1): {"fp_voxels": 10001}, (0.1, 2): {"recall": 0.05}, (0.9, 3): {"fp_voxels": 10000}}
+    for (value, seed), run in by.items():
+        i = seeds.index(seed)
+        _write_summary(run, {"pancreas": _organ(fp_voxels=fp[value][i], fn_voxels=fn[value][i]),
+                             "adrenal": _organ(**adrenal.get((value, seed), {}))}, mean_fg_dice=0.8)
+    report.write_sweep(runs, out, param="loss.beta", values=values, default=default)
+
+    rows = _csv(tmp_path / "sweep_loss.beta.csv")
+    high = _row(rows, organ="adrenal", value="0.9")
+    assert (high["n_collapsed"], high["collapsed_seeds"], high["painted_seeds"], high["missed_seeds"]) == ("1", "1", "1", "")
+    low = _row(rows, organ="adrenal", value="0.1")
+    assert (low["n_collapsed"], low["missed_seeds"]) == ("1", "2")
+    assert _row(rows, organ="pancreas", value="0.9")["n_collapsed"] == "0"
+    assert _row(rows, organ="all", value="0.9")["collapsed_seeds"] == "1"
+
+    paired = _csv(tmp_path / "sweep_loss.beta_paired.csv")
+    pfp = _row(paired, organ="pancreas", metric="fp_ml")
+    assert (pfp["low"], pfp["high"], pfp["n_seeds"], pfp["n_higher"], pfp["n_lower"], pfp["n_tied"]) == ("0.1", "0.9", "5", "4", "0", "1")
+    assert float(pfp["p_higher"]) == pytest.approx(1 / 16)  # 4 of 4 untied seeds
+    assert float(pfp["mean_change"]) == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3 + 0.4 + 0) / 5 ml
+    pfn = _row(paired, organ="pancreas", metric="fn_ml")
+    assert (pfn["n_higher"], pfn["n_lower"]) == ("2", "3")
+    assert float(pfn["p_lower"]) == pytest.approx(16 / 32)  # P(X >= 3), X ~ Bin(5, 1/2)
+
+    md = (tmp_path / "sweep_loss.beta.md").read_text()
+    assert "| loss.beta = 0.1 | 1/5 | seed 2: adrenal missed |" in md
+    assert "| loss.beta = 0.9 | 1/5 | seed 1: adrenal painted |" in md
+    assert "## Seed by seed: loss.beta = 0.1 against 0.9" in md
+    line = next(x for x in md.splitlines() if x.startswith("| pancreas | 4/5 | 0.062 | ["))
+    lo, hi = (float(x) for x in line.split("[")[1].split("]")[0].split(","))
+    assert 0.0 <= lo < 0.2 < hi <= 0.4  # the mean change 0.2 ml lies inside its bootstrap interval
+    assert "| 3/5 | 0.500 |" in line  # FN falls in seeds 0-2
+    assert md.count("| 1/5 | combo_") == 2  # the "collapsed seeds" column of the overview
+
+    compare = plan.plan_compare(config=TINY, losses=["combo", "dice"], seeds=[0, 1], out=out, sets={})
+    for run in compare:
+        painted = run.name == "combo_seed1"
+        _write_summary(run, {"pancreas": _organ(fp_voxels=20000 if painted else 50)}, mean_fg_dice=0.8)
+    report.write_compare(compare, out)
+    md = (tmp_path / "compare.md").read_text()
+    assert "| combo | 1/2 | seed 1: pancreas painted |" in md and "| dice | 0/2 | none |" in md
+    assert _row(_csv(tmp_path / "compare.csv"), loss="combo", organ="pancreas")["painted_seeds"] == "1"
+
+
 # --------------------------------------------------------------------------------------------------
 # The runner, with a stand-in for combo_jax.train (no jax: milliseconds per run)
 # --------------------------------------------------------------------------------------------------
@@ -376,3 +431,104 @@ def test_smoke_compare_and_sweep_on_the_tiny_config(tmp_path, monkeypatch, capsy
     assert study["invocations"][0]["devices"]["platform"] == "cpu"
     assert {r["status"] for r in study["invocations"][0]["runs"]} == {"trained"}
     assert {r["status"] for r in study["invocations"][2]["runs"]} == {"skipped (finished)"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Collapse detection, sign tests and bootstrap intervals (combo_jax.experiments.stats)
+# --------------------------------------------------------------------------------------------------
+
+
+def _stat_row(true=100, fp=10, recall=0.9):
+    return {"true_voxels": true, "fp_voxels": fp, "recall": recall}
+
+
+def _record(seed, **organs):
+    rows = {"liver": _stat_row(true=5000, fp=100), "adrenal": _stat_row()}
+    rows.update(organs)
+    return {"run": f"combo_seed{seed}", "seed": seed, "organs": rows}
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        (_stat_row(true=235, fp=2351), "painted"),  # just over 10x the true volume
+        (_stat_row(true=235, fp=2350), None),  # exactly 10x is not over it
+        (_stat_row(true=235, fp=0, recall=0.05), "missed"),
+        (_stat_row(true=235, fp=0, recall=0.1), None),  # a tenth found is found
+        (_stat_row(true=235, fp=3000, recall=0.0), "painted"),  # painted wins when both hold
+        (_stat_row(true=235, fp=0, recall=float("nan")), "missed"),  # true voxels but no recall recorded: nothing found
+        (_stat_row(true=0, fp=500, recall=float("nan")), None),  # organ absent from the validation split
+    ],
+)
+def test_organ_failure(row, expected):
+    assert stats.organ_failure(row) == expected
+
+
+def test_thresholds_are_options():
+    assert stats.organ_failure(_stat_row(true=100, fp=300), fp_ratio=2.0) == "painted"
+    assert stats.organ_failure(_stat_row(recall=0.4), min_recall=0.5) == "missed"
+
+
+def test_count_collapses_names_seeds_and_organs():
+    records = [
+        _record(3, adrenal=_stat_row(recall=0.0, fp=0)),
+        _record(0),
+        _record(1, adrenal=_stat_row(fp=5000), liver=_stat_row(true=5000, fp=60000)),
+        _record(2),
+        _record(4, adrenal=_stat_row(fp=1001)),
+    ]
+    count = stats.count_collapses(records)
+    assert count.n_runs == 5 and count.n_collapsed == 3
+    assert count.collapsed_seeds == (1, 3, 4)
+    assert count.painted == {"adrenal": (1, 4), "liver": (1,)}
+    assert count.missed == {"adrenal": (3,)}
+    assert count.describe() == ("3/5 (seed 1: liver painted, adrenal painted; seed 3: adrenal missed; "
+                                "seed 4: adrenal painted)")
+    assert stats.count_collapses([_record(0), _record(1)]).describe() == "0/2"
+
+
+def test_sign_test_matches_the_binomial_tail():
+    # P(X >= k) for X ~ Binomial(n, 1/2), by hand.
+    assert stats.sign_test(5, 0) == pytest.approx(1 / 32)
+    assert stats.sign_test(4, 1) == pytest.approx(6 / 32)
+    assert stats.sign_test(0, 5) == pytest.approx(1.0)
+    assert stats.sign_test(0, 0) == 1.0
+
+
+def test_paired_counts_signs_by_seed_and_drops_ties():
+    low = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 5.0, 9: 100.0}  # seed 9 has no partner
+    high = {0: 2.0, 1: 2.5, 2: 3.0, 3: 6.0, 4: 4.0, 7: 0.0}
+    p = stats.paired(low, high)
+    assert p.seeds == (0, 1, 2, 3, 4)
+    assert p.diffs == (1.0, 0.5, 0.0, 2.0, -1.0)
+    assert (p.n_greater, p.n_less, p.n_tied) == (3, 1, 1)
+    assert p.p_greater == pytest.approx(5 / 16)  # P(X >= 3), X ~ Bin(4, 1/2)
+    assert p.p_less == pytest.approx(15 / 16)  # P(X >= 1)
+    assert p.mean_diff == pytest.approx(0.5)
+    lo, hi = p.interval
+    assert -1.0 <= lo < 0.5 < hi <= 2.0
+    # a tolerance turns small differences into ties
+    assert stats.paired(low, high, tolerance=0.6).n_tied == 2
+    with pytest.raises(ValueError, match="no seed in common"):
+        stats.paired({0: 1.0}, {1: 1.0})
+
+
+def test_bootstrap_interval():
+    assert stats.bootstrap_mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    a = stats.bootstrap_mean_interval([1.0, 2.0, 3.0, 10.0])
+    assert a == stats.bootstrap_mean_interval([1.0, 2.0, 3.0, 10.0])  # deterministic
+    assert 1.0 <= a[0] < 4.0 < a[1] <= 10.0
+    assert all(math.isnan(x) for x in stats.bootstrap_mean_interval([]))
+
+
+def test_direction_counts_fp_up_and_fn_down_per_seed():
+    def rec(seed, fp, fn):
+        return {"seed": seed, "organs": {"pancreas": {"fp_ml": fp, "fn_ml": fn}}}
+
+    low = [rec(0, 1.0, 5.0), rec(1, 1.0, 5.0), rec(2, 1.0, 5.0), rec(3, 1.0, 5.0)]
+    high = [rec(0, 2.0, 4.0), rec(1, 3.0, 6.0), rec(2, 0.5, 3.0), rec(3, 1.5, 1.0)]
+    d = stats.direction(low, high, "pancreas")
+    assert (d.fp.n_greater, d.fn.n_less, d.n_both) == (3, 3, 2)
+    assert d.cells()[0] == "3/4" and d.cells()[3] == "3/4" and d.cells()[-1] == "2/4"
+    with pytest.raises(ValueError, match="two runs with seed 0"):
+        stats.direction(low + [rec(0, 1.0, 1.0)], high, "pancreas")

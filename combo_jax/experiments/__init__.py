@@ -6,7 +6,8 @@
     python -m combo_jax.experiments losses      # each loss's default options
 
 The package: ``plan`` (the runs of a study), ``runner`` (devices, subprocesses, resume), ``results`` (reading
-runs, statistics over seeds, targets), ``report`` (tables and plots), ``cli`` (the command line).
+runs, statistics over seeds, targets), ``stats`` (collapsed runs, seed-by-seed comparisons), ``report`` (tables
+and plots), ``cli`` (the command line).
 
 **Runs.** Every run is an independent ``python -m combo_jax.train --config ... --workdir DIR/runs/NAME
 --config.seed=S [--config.KEY=VALUE ...]`` subprocess, so a study is exactly the trainings a user could start by
@@ -43,9 +44,19 @@ size (small models, whose steps are dominated by per-step overhead, gain). On a 
 seeds, precision, recall, false-positive and false-negative volume in ml, HD95, and the same summarized over
 the small organs and over all organs), ``compare_runs.csv`` (one row per run and organ),
 ``sweep_<param>.md`` / ``.csv`` / ``_runs.csv`` / ``.png`` (false positives, false negatives, precision and
-recall per organ against the swept value), and ``study.json`` (for every invocation: the command, the runs and
-what happened to each, the hardware, the wall time). Every row carries the loss name and options that its runs
+recall per organ against the swept value), ``sweep_<param>_paired.csv`` (every pair of swept values compared seed
+by seed, see below), and ``study.json`` (for every invocation: the command, the runs and what happened to each,
+the hardware, the wall time). Every row carries the loss name and options that its runs
 recorded in their own ``summary.json``; nothing in a table is taken from the command line.
+
+**Collapses and seeds** (``stats``). Each run is also checked per organ: *painted* when its false-positive volume
+exceeds 10 times its true volume on the validation split, *missed* when under 10% of its voxels are found; a run
+with a painted or missed organ *collapsed*. Every table reports how many seeds of a setting collapsed and which
+(``n_collapsed``, ``collapsed_seeds``, ``painted_seeds``, ``missed_seeds`` in the CSVs). A sweep also compares its
+values seed by seed (the run of seed s at one value against the run of seed s at another): how many seeds have
+more false positives and fewer false negatives at the higher value, a one-sided exact sign test, and a bootstrap
+interval of the mean change; the report shows the lowest against the highest value and each value against the
+next.
 
 **Targets** (``sweep --target``, repeatable): ``METRIC OP THRESHOLD : SCOPE``, e.g. ``recall>=0.95:pancreas``
 or ``fp_ml<=0.5:all``. METRIC is one of ``TARGET_METRICS`` (``fp_ml``/``fn_ml`` are volumes in ml), OP one of

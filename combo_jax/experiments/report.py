@@ -14,8 +14,9 @@ import numpy as np
 
 from combo_jax import config as config_lib
 from combo_jax.experiments.plan import Run, StudyError, format_value, _safe
-from combo_jax.experiments.results import (SMALL_SHARE, Target, aggregate, choose_value, organ_order, read_run,
-                                           sortable)
+from combo_jax.experiments import stats
+from combo_jax.experiments.results import (SMALL_SHARE, Target, aggregate, choose_value, group_metrics, organ_order,
+                                           read_run, sortable)
 
 def _fmt(value: float, digits: int = 3) -> str:
     if math.isnan(value):
@@ -120,6 +121,36 @@ def _context_lines(runs: Sequence[Run], records: Sequence[dict], argv: Sequence[
     ]
 
 
+def _scopes(organs: Sequence[str], small: Sequence[str]) -> dict[str, list[str]]:
+    """The rows of a table: each organ, then "small" (if any) and "all", with the organs each covers."""
+    return {**{o: [o] for o in organs}, **({"small": list(small)} if small else {}), "all": list(organs)}
+
+
+_FAILURE_HEADER = ["n_collapsed", "collapsed_seeds", "painted_seeds", "missed_seeds"]
+
+
+def _failure_cells(records: Sequence[dict], members: Sequence[str]) -> list:
+    """CSV cells: how many seeds failed on any of ``members``, which, and which painted or missed one."""
+    count = stats.count_collapses([{**r, "organs": {o: r["organs"][o] for o in members}} for r in records])
+    painted = sorted({s for seeds in count.painted.values() for s in seeds})
+    missed = sorted({s for seeds in count.missed.values() for s in seeds})
+    return [count.n_collapsed, ";".join(map(str, count.collapsed_seeds)), ";".join(map(str, painted)),
+            ";".join(map(str, missed))]
+
+
+def _collapse_lines(groups: dict, labels: dict) -> list[str]:
+    """The "Collapses" section: per setting, how many seeds collapsed and how."""
+    lines = ["## Collapses", "",
+             f"A run collapses when an organ is *painted* (false-positive volume over {stats.FP_RATIO:g}x the "
+             f"organ's true volume on the validation split) or *missed* (under {stats.MIN_RECALL:.0%} of its "
+             "voxels found).", "", "| setting | collapsed seeds | which |", "|---|---|---|"]
+    for key, recs in groups.items():
+        count = stats.count_collapses(recs)
+        which = count.describe().partition(" ")[2].strip("()") or "none"
+        lines.append(f"| {labels[key]} | {count.n_collapsed}/{count.n_runs} | {which} |")
+    return lines + [""]
+
+
 def write_compare(runs: Sequence[Run], out: str, *, argv: Sequence[str] = ()) -> dict:
     """compare.md, compare.csv and compare_runs.csv from the runs' summary.json files; returns the table."""
     records = [read_run(r) for r in runs]
@@ -132,14 +163,15 @@ def write_compare(runs: Sequence[Run], out: str, *, argv: Sequence[str] = ()) ->
     header = ["loss", "options", "organ", "share", "n_seeds", "runs"]
     for k in _STAT_KEYS:
         header += [f"{k}_mean", f"{k}_std"]
+    header += _FAILURE_HEADER
     rows = []
     for (name, options), recs in groups.items():
-        for scope in [*organs, *(["small"] if small else []), "all"]:
+        for scope, members in _scopes(organs, small).items():
             share = shares[scope] if scope in shares else tables[(name, options)][scope]["share"][0]
             row = [name, options, scope, share, len(recs), ";".join(r["run"] for r in recs)]
             for k in _STAT_KEYS:
                 row += list(tables[(name, options)][scope][k])
-            rows.append(row)
+            rows.append(row + _failure_cells(recs, members))
     _write_csv(os.path.join(out, "compare.csv"), header, rows)
     _write_csv(os.path.join(out, "compare_runs.csv"), _RUN_HEADER, _run_rows(records))
 
@@ -152,13 +184,16 @@ def write_compare(runs: Sequence[Run], out: str, *, argv: Sequence[str] = ()) ->
 
     labels = {key: _label(key[0], json.loads(key[1])) for key in groups}
     lines = ["# Loss comparison", ""] + _context_lines(runs, records, argv, out)
-    lines += ["## Overview", "", "| loss | mean foreground Dice | small-organ Dice | seeds | runs |", "|---|---|---|---|---|"]
+    lines += ["## Overview", "", "| loss | mean foreground Dice | small-organ Dice | collapsed seeds | seeds | runs |",
+              "|---|---|---|---|---|---|"]
     for key, recs in groups.items():
         t = tables[key]
         small_dice = _pm(t["small"]["dice"]) if small else "n/a"
-        lines.append(f"| {labels[key]} | {_pm(t['mean_fg_dice'])} | {small_dice} | {len(recs)} | "
+        lines.append(f"| {labels[key]} | {_pm(t['mean_fg_dice'])} | {small_dice} | "
+                     f"{stats.count_collapses(recs).n_collapsed}/{len(recs)} | {len(recs)} | "
                      f"{', '.join(r['run'] for r in recs)} |")
     lines.append("")
+    lines += _collapse_lines(groups, labels)
     if small:
         lines += [f"## Small organs (under {SMALL_SHARE:.1%} of the voxels: "
                   + ", ".join(f"{o} {shares[o]:.3%}" for o in small) + ")", "",
@@ -224,19 +259,20 @@ def write_sweep(runs: Sequence[Run], out: str, *, param: str, values: Sequence[A
     header = ["loss", "options", "param", "value", "organ", "share", "n_seeds", "runs"]
     for k in _STAT_KEYS:
         header += [f"{k}_mean", f"{k}_std"]
+    header += _FAILURE_HEADER
     rows = []
     for v in ordered:
         recs = keyed[v]
         options = {json.dumps(r["options"], sort_keys=True) for r in recs}
         if len(options) != 1 or len({r["loss"] for r in recs}) != 1:
             raise StudyError(f"the runs of {param}={v!r} record different losses or options: {', '.join(r['run'] for r in recs)}")
-        for scope in [*organs, *(["small"] if small else []), "all"]:
+        for scope, members in _scopes(organs, small).items():
             share = shares.get(scope, tables[v][scope]["share"][0])
             row = [recs[0]["loss"], json.dumps(recs[0]["options"]), param, json.dumps(recs[0]["value"]), scope, share,
                    len(recs), ";".join(r["run"] for r in recs)]
             for k in _STAT_KEYS:
                 row += list(tables[v][scope][k])
-            rows.append(row)
+            rows.append(row + _failure_cells(recs, members))
     _write_csv(stem + ".csv", header, rows)
     _write_csv(stem + "_runs.csv", _RUN_HEADER[:4] + ["value"] + _RUN_HEADER[4:], _run_rows(records, param=param))
     plot_sweep(stem + ".png", param=param, values=ordered, tables=tables, organs=organs, shares=shares)
@@ -247,13 +283,14 @@ def write_sweep(runs: Sequence[Run], out: str, *, param: str, values: Sequence[A
               "", f"Plot: `{os.path.basename(stem)}.png` (false-positive and false-negative volume per organ against {param}).", ""]
     lines += ["## All organs", "",
               f"FP and FN: volume summed over the organs; Dice, precision, recall: mean over the organs.", "",
-              f"| {param} | loss | mean foreground Dice | FP (ml) | FN (ml) | precision | recall | runs |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"| {param} | loss | mean foreground Dice | FP (ml) | FN (ml) | precision | recall | collapsed seeds | runs |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for v in ordered:
         t, recs = tables[v], keyed[v]
         lines.append(f"| {format_value(recs[0]['value'])} | {_label(recs[0]['loss'], recs[0]['options'])} | {_pm(t['mean_fg_dice'])} | "
                      f"{_fmt_ml(t['all']['fp_ml'][0])} | {_fmt_ml(t['all']['fn_ml'][0])} | {_fmt(t['all']['precision'][0])} | "
-                     f"{_fmt(t['all']['recall'][0])} | {', '.join(r['run'] for r in recs)} |")
+                     f"{_fmt(t['all']['recall'][0])} | {stats.count_collapses(recs).n_collapsed}/{len(recs)} | "
+                     f"{', '.join(r['run'] for r in recs)} |")
     lines += ["", f"Trend over increasing {param} (means over seeds; ρ: Spearman rank correlation):", "",
               "| organ | share | FP volume | FN volume | precision | recall |", "|---|---|---|---|---|---|"]
     trend_scopes = [*organs, *(["small"] if small else []), "all"]
@@ -262,7 +299,11 @@ def write_sweep(runs: Sequence[Run], out: str, *, param: str, values: Sequence[A
         cells = [_trend([tables[v][scope][k][0] for v in ordered]) if sortable(ordered) else "n/a"
                  for k in ("fp_ml", "fn_ml", "precision", "recall")]
         lines.append(f"| {scope} | {share:.3%} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per organ", ""]
+    lines.append("")
+    lines += _collapse_lines({v: keyed[v] for v in ordered}, {v: f"{param} = {format_value(v)}" for v in ordered})
+    if sortable(ordered) and len(ordered) > 1:
+        lines += _paired_sweep(stem, param=param, ordered=ordered, keyed=keyed, scopes=_scopes(organs, small))
+    lines += ["## Per organ", ""]
     for organ in [*organs, *(["small"] if small else [])]:
         title = f"{organ} ({shares[organ]:.3%} of the voxels)" if organ in shares else \
             f"small organs ({', '.join(small)}; FP/FN summed, the rest averaged)"
@@ -283,6 +324,49 @@ def write_sweep(runs: Sequence[Run], out: str, *, param: str, values: Sequence[A
         f.write("\n".join(lines))
     return {"organs": organs, "small": small, "tables": tables, "values": ordered, "choices": choices,
             "paths": {ext: stem + ext for ext in (".md", ".csv", ".png")}}
+
+
+def _paired_sweep(stem: str, *, param: str, ordered: Sequence[Any], keyed: dict, scopes: dict) -> list[str]:
+    """Seed-by-seed comparisons of the swept values: every pair (low, high) in ``<stem>_paired.csv``, and the
+    lowest against the highest value, and each value against the next, in the report."""
+
+    def scoped(recs, scope):  # one pseudo-organ per scope: group metrics (FP/FN summed over the group)
+        return [{"seed": r["seed"], "organs": {scope: group_metrics(r, scopes[scope])}} for r in recs]
+
+    header = ["param", "low", "high", "organ", "metric", "n_seeds", "n_higher", "n_lower", "n_tied", "p_higher",
+              "p_lower", "mean_change", "ci_low", "ci_high", "changes"]
+    rows, directions = [], {}
+    for i, low in enumerate(ordered):
+        for high in ordered[i + 1:]:
+            for scope in scopes:
+                d = stats.direction(scoped(keyed[low], scope), scoped(keyed[high], scope), scope)
+                directions[(low, high, scope)] = d
+                for metric, p in (("fp_ml", d.fp), ("fn_ml", d.fn)):
+                    rows.append([param, json.dumps(low), json.dumps(high), scope, metric, p.n, p.n_greater, p.n_less,
+                                 p.n_tied, p.p_greater, p.p_less, p.mean_diff, *p.interval,
+                                 ";".join(f"{s}:{x:.6g}" for s, x in zip(p.seeds, p.diffs))])
+    _write_csv(stem + "_paired.csv", header, rows)
+
+    lo, hi = ordered[0], ordered[-1]
+    lines = [f"## Seed by seed: {param} = {format_value(lo)} against {format_value(hi)}", "",
+             f"Each seed's run at {param} = {format_value(hi)} against the same seed's run at {format_value(lo)} (same "
+             "initial parameters and batches). \"FP rises\": seeds where the false-positive volume is larger at the "
+             "higher value; \"FN falls\": seeds where the false-negative volume is smaller; \"both\": seeds with both. "
+             "p: one-sided exact sign test (ties dropped) against \"no effect\"; CI: 95% percentile bootstrap interval "
+             "of the mean change over seeds. Every pair of values: "
+             f"`{os.path.basename(stem)}_paired.csv`.", "", stats.DIRECTION_HEADER, "|---|---|---|---|---|---|---|---|"]
+    for scope in scopes:
+        lines.append(f"| {scope} | " + " | ".join(directions[(lo, hi, scope)].cells()) + " |")
+    if len(ordered) > 2:
+        steps = list(zip(ordered[:-1], ordered[1:]))
+        lines += ["", "Each value against the next: seeds where FP rises / seeds where FN falls.", "",
+                  "| organ | " + " | ".join(f"{format_value(a)} → {format_value(b)}" for a, b in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for scope in scopes:
+            cells = [f"{directions[(a, b, scope)].fp.n_greater} / {directions[(a, b, scope)].fn.n_less} of "
+                     f"{directions[(a, b, scope)].fp.n}" for a, b in steps]
+            lines.append(f"| {scope} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _target_lines(choice: dict, *, param: str, ordered, tables, organs, default) -> list[str]:

@@ -118,6 +118,7 @@ def read_run(run: Run) -> dict:
             "recall": _number(row.get("recall")),
             "fp_voxels": _number(row.get("fp_voxels")),
             "fn_voxels": _number(row.get("fn_voxels")),
+            "true_voxels": _number(row.get("true_voxels")),
             "fp_ml": _number(row.get("fp_voxels")) * voxel_ml,
             "fn_ml": _number(row.get("fn_voxels")) * voxel_ml,
             "hd95_mm": _number(row.get("hd95_mm")),
