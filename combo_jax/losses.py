@@ -479,15 +479,24 @@ def _wce_terms(sums: ClassSums, weights, *, beta, first_channel: int) -> jax.Arr
     return ce * (sums.voxels.shape[0] / jnp.maximum(jnp.sum(sums.voxels), 1.0))
 
 
-def _combo_terms(sums: ClassSums, weights, *, alpha, beta, smooth, first_channel: int, batch_dice: bool):
-    """``(B, |C|)`` per-sample, per-organ Combo terms whose mean is the loss."""
+def _combo_terms(sums: ClassSums, weights, *, alpha, beta, smooth, first_channel: int, batch_dice: bool,
+                 dice_first_channel: int | None = None):
+    """``(B, |D|)`` per-sample, per-channel Combo terms whose mean is the loss, over the Dice term's channels D
+    (``dice_first_channel:``, by default C). When D holds the background besides C, its column has no
+    cross-entropy part and the organs' cross-entropy parts are scaled by ``|D| / |C|``, so that the mean is
+    still ``alpha`` times the mean over C."""
+    dice_first = first_channel if dice_first_channel is None else dice_first_channel
     batch, num_classes = sums.intersection.shape
-    terms = jnp.zeros((batch, num_classes - first_channel), sums.intersection.dtype)
+    width = num_classes - dice_first
+    terms = jnp.zeros((batch, width), sums.intersection.dtype)
     if not _equals(alpha, 0.0):
-        terms = terms + alpha * _wce_terms(sums, weights, beta=beta, first_channel=first_channel)
+        ce = _wce_terms(sums, weights, beta=beta, first_channel=first_channel)
+        if dice_first != first_channel:
+            ce = jnp.pad(ce, ((0, 0), (first_channel - dice_first, 0))) * (width / (num_classes - first_channel))
+        terms = terms + alpha * ce
     if not _equals(alpha, 1.0):
-        dice = _dice_ratio(*_kept(sums, first_channel, batch_dice), smooth, smooth, False)
-        terms = terms - (1.0 - alpha) * (dice if weights is None else dice * weights[first_channel:])
+        dice = _dice_ratio(*_kept(sums, dice_first, batch_dice), smooth, smooth, False)
+        terms = terms - (1.0 - alpha) * (dice if weights is None else dice * weights[dice_first:])
     return terms
 
 
@@ -539,6 +548,7 @@ def combo_loss_from_sums(
     smooth: float = 1.0,
     activation: str = "softmax",
     include_background: bool = False,
+    dice_include_background: bool = True,
     batch_dice: bool = False,
     class_weights: ArrayLike | None = None,
     reduction: str = "mean",
@@ -549,7 +559,8 @@ def combo_loss_from_sums(
     sums = _check_sums(fn, sums)
     weights = _class_weights(fn, class_weights, sums.intersection.shape[-1], sums.intersection.dtype)
     terms = _combo_terms(sums, weights, alpha=alpha, beta=beta, smooth=smooth,
-                         first_channel=_first_channel(activation, include_background), batch_dice=batch_dice)
+                         first_channel=_first_channel(activation, include_background), batch_dice=batch_dice,
+                         dice_first_channel=_first_channel(activation, include_background or dice_include_background))
     return _reduce(fn, terms, reduction)
 
 
@@ -623,6 +634,7 @@ def combo_loss(
     smooth: float = 1.0,
     activation: str = "softmax",
     include_background: bool = False,
+    dice_include_background: bool = True,
     batch_dice: bool = False,
     class_weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
@@ -632,9 +644,10 @@ def combo_loss(
     r"""The Combo loss of Taghanaki et al. (arXiv 1805.02798).
 
     .. math::
-        L = \alpha\, L_{wce}(\beta) - (1 - \alpha) \frac{1}{|C|} \sum_{k \in C} w_k D_k
+        L = \alpha\, L_{wce}(\beta) - (1 - \alpha) \frac{1}{|D|} \sum_{k \in D} w_k D_k
 
-    with :math:`L_{wce}` as in :func:`weighted_cross_entropy` and the soft Dice
+    with :math:`L_{wce}` over the organ channels C as in :func:`weighted_cross_entropy`, the Dice channels
+    :math:`D = \{0\} \cup C` (``dice_include_background=True``, the default) or :math:`D = C`, and the soft Dice
     :math:`D_k = (2 \sum p t + S) / (\sum p + \sum t + S)` of :func:`soft_dice`, over the spatial axes of
     each sample and then averaged over the batch (``batch_dice=False``), or pooled over the batch
     (``batch_dice=True``). The loss lies in ``[-(1 - alpha), +inf)``; a perfect prediction of a sample
@@ -644,6 +657,8 @@ def combo_loss(
 
     * The organ set C: background excluded for softmax (see :func:`weighted_cross_entropy` for why beta
       needs this), every channel for sigmoid.
+    * The Dice term also averages over the background channel by default (``dice_include_background``);
+      the paper's organ-only Dice is ``dice_include_background=False``.
     * Organs are averaged, not summed, so alpha keeps its meaning whatever the number of organs. The
       paper's sum-over-organs form is
       ``alpha * weighted_cross_entropy(...) - (1 - alpha) * soft_dice(p[..., 1:], t[..., 1:]).sum(-1).mean()``.
@@ -661,14 +676,19 @@ def combo_loss(
         ``> 0.5`` false negatives.
       smooth: Dice smoothing ``S`` (numerator and denominator).
       activation: ``"softmax"``, ``"sigmoid"`` or ``"none"``.
-      include_background: with softmax, keep channel 0 in C.
+      include_background: with softmax, keep channel 0 in C (both terms).
+      dice_include_background: with softmax, average the Dice term over the background channel and C; the
+        cross-entropy term stays over C, so beta keeps its meaning. True by default: with the background in
+        no term, nothing rewards the background channel on background tissue, and a small organ's channel can
+        take it over (see docs/collapse.md). False gives the paper's organ-only Dice.
       batch_dice: pool Dice sums over the batch.
       class_weights: optional ``(K,)`` weights multiplying each channel's cross-entropy and Dice terms.
       where: optional boolean mask ``(B, *spatial)``.
       ignore_index: label id to leave out (integer labels only).
-      reduction: ``"mean"`` (the loss), ``"sum"``, or ``"none"`` for the per-sample, per-organ terms
-        ``(B, |C|)`` whose mean is the loss: ``alpha B / N`` times each sample's weighted cross-entropy sums
-        minus ``(1 - alpha) w_k D_k`` (with ``batch_dice``, the pooled ``D_k`` in every row).
+      reduction: ``"mean"`` (the loss), ``"sum"``, or ``"none"`` for the per-sample, per-channel terms
+        ``(B, |D|)`` whose mean is the loss: ``alpha (|D| / |C|) B / N`` times each sample's weighted
+        cross-entropy sums (none for the background's column) minus ``(1 - alpha) w_k D_k`` (with
+        ``batch_dice``, the pooled ``D_k`` in every row).
 
     ``alpha``, ``beta``, ``smooth`` and ``class_weights`` may be traced (jit arguments, a vmapped grid, a
     schedule): their ranges are checked only where they are concrete. The loss is a function of the
@@ -691,7 +711,8 @@ def combo_loss(
     complement = not (_equals(alpha, 0.0) or _equals(beta, 1.0))  # the log(1 - p) terms weigh 0 otherwise
     return combo_loss_from_sums(_sums_of(x, t, ids, mask, activation, complement=complement), alpha=alpha,
                                 beta=beta, smooth=smooth, activation=activation,
-                                include_background=include_background, batch_dice=batch_dice,
+                                include_background=include_background,
+                                dice_include_background=dice_include_background, batch_dice=batch_dice,
                                 class_weights=weights, reduction=reduction)
 
 

@@ -15,7 +15,8 @@ from ml_collections import config_dict
 
 # Each loss's options as this config trains it (the functions' own defaults; see README "Losses and options").
 LOSS_OPTIONS = {
-    "combo": dict(alpha=0.5, beta=0.5, smooth=1.0, include_background=False, batch_dice=False),
+    "combo": dict(alpha=0.5, beta=0.5, smooth=1.0, include_background=False, dice_include_background=True,
+                  batch_dice=False),
     "dice": dict(smooth_nr=1e-5, smooth_dr=1e-5, squared_pred=False, jaccard=False, batch_dice=False,
                  include_background=True),
     "wce": dict(beta=0.5, include_background=False),

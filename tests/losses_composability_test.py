@@ -49,13 +49,14 @@ def _log1m_softmax(x):
     return jax.nn.logsumexp(others, axis=-1) - jax.nn.logsumexp(x, axis=-1, keepdims=True)
 
 
-def plain_combo(x, y, alpha=0.5, beta=0.5, smooth=1.0, weights=None):
+def plain_combo(x, y, alpha=0.5, beta=0.5, smooth=1.0, weights=None, dice_include_background=True):
     p, logp, t, axes = _plain_parts(x, y)
     w = jnp.ones(x.shape[-1], x.dtype) if weights is None else jnp.asarray(weights, x.dtype)
     ce = -(beta * t * logp + (1 - beta) * (1 - t) * _log1m_softmax(x))[..., 1:] * w[1:]
     ce = jnp.sum(ce) / (np.prod(x.shape[:-1]) * (x.shape[-1] - 1))
     dice = (2 * jnp.sum(p * t, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(t, axes) + smooth)
-    return alpha * ce - (1 - alpha) * jnp.mean((dice * w)[:, 1:])
+    dice_first = 0 if dice_include_background else 1  # the Dice term over the background too, or organs only
+    return alpha * ce - (1 - alpha) * jnp.mean((dice * w)[:, dice_first:])
 
 
 def plain_dice_ce(x, y):
@@ -73,6 +74,8 @@ PAIRS = [
     ("combo_loss beta=0.3", functools.partial(losses.combo_loss, beta=0.3), functools.partial(plain_combo, beta=0.3)),
     ("combo_loss weighted", functools.partial(losses.combo_loss, alpha=0.7, class_weights=[1.0, 2.0, 0.5, 1.5]),
      functools.partial(plain_combo, alpha=0.7, weights=[1.0, 2.0, 0.5, 1.5])),
+    ("combo_loss organ-only Dice", functools.partial(losses.combo_loss, dice_include_background=False),
+     functools.partial(plain_combo, dice_include_background=False)),
     ("dice_ce_loss", losses.dice_ce_loss, plain_dice_ce),
     ("dice_loss", losses.dice_loss, plain_dice),
 ]
@@ -172,8 +175,9 @@ def test_concrete_out_of_range_values_are_rejected_and_traced_ones_pass():
 # --------------------------------------------------------------------------------------------------
 
 PER_ORGAN = [
-    ("combo_loss", dict(beta=0.3), 3),
-    ("combo_loss", dict(batch_dice=True, class_weights=[1.0, 2.0, 0.5, 1.5]), 3),
+    ("combo_loss", dict(beta=0.3), 4),  # the Dice term's channels: background and organs
+    ("combo_loss", dict(beta=0.3, dice_include_background=False), 3),
+    ("combo_loss", dict(batch_dice=True, class_weights=[1.0, 2.0, 0.5, 1.5]), 4),
     ("combo_loss", dict(activation="sigmoid"), 4),
     ("weighted_cross_entropy", dict(beta=0.2), 3),
     ("dice_loss", dict(), 4),

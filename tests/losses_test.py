@@ -1192,22 +1192,26 @@ def test_check_labels_rejects_float_labels_and_tracers():
                                                                 ("sigmoid", False)])
 @pytest.mark.parametrize("batch_dice", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_combo_loss_equals_its_documented_decomposition(activation, include_background, batch_dice, masked):
+@pytest.mark.parametrize("dice_include_background", [True, False])
+def test_combo_loss_equals_its_documented_decomposition(activation, include_background, batch_dice, masked,
+                                                        dice_include_background):
     x, labels, where = _random_inputs(shape=(3, 4, 3))
     where = where if masked else None
     alpha, beta = 0.3, 0.6
     kwargs = dict(beta=beta, activation=activation, include_background=include_background, where=where)
-    combo = float(losses.combo_loss(x, labels, alpha=alpha, batch_dice=batch_dice, **kwargs))
+    combo = float(losses.combo_loss(x, labels, alpha=alpha, batch_dice=batch_dice,
+                                    dice_include_background=dice_include_background, **kwargs))
     wce = float(losses.weighted_cross_entropy(x, labels, **kwargs))
     probs = jax.nn.softmax(x) if activation == "softmax" else jax.nn.sigmoid(x)
     c0 = 1 if activation == "softmax" and not include_background else 0
-    dice = np.asarray(losses.soft_dice(probs, _one_hot(labels, K), batch_dice=batch_dice, where=where))[..., c0:]
-    num_organs = K - c0
-    # Organs averaged (combo_loss) ...
+    dice_c0 = 0 if activation == "softmax" and dice_include_background else c0  # the Dice term's channels D
+    dice = np.asarray(losses.soft_dice(probs, _one_hot(labels, K), batch_dice=batch_dice, where=where))[..., dice_c0:]
+    num_channels = K - dice_c0
+    # Channels averaged (combo_loss): the cross-entropy over the organs C, the Dice over D ...
     np.testing.assert_allclose(combo, alpha * wce - (1 - alpha) * dice.mean(), rtol=1e-6)
-    # ... and the paper's sum over organs, whose Dice term is |C| times larger.
+    # ... and the paper's sum over organs, whose Dice term is |D| times larger.
     paper = alpha * wce - (1 - alpha) * dice.sum(-1).mean()
-    np.testing.assert_allclose(paper - alpha * wce, num_organs * (combo - alpha * wce), rtol=1e-6)
+    np.testing.assert_allclose(paper - alpha * wce, num_channels * (combo - alpha * wce), rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

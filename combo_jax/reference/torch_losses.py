@@ -126,19 +126,23 @@ def weighted_cross_entropy(logits, labels, *, beta=0.5, activation="softmax", in
 
 
 def combo_loss(logits, labels, *, alpha=0.5, beta=0.5, smooth=1.0, activation="softmax",
-               include_background=False, batch_dice=False, class_weights=None, where=None, ignore_index=None,
-               reduction="mean"):
+               include_background=False, dice_include_background=True, batch_dice=False, class_weights=None,
+               where=None, ignore_index=None, reduction="mean"):
     logits = _promote(logits)
     t, mask = _target_and_mask(logits, labels, where, ignore_index)
     c0 = _first(activation, include_background)
+    dice_c0 = _first(activation, include_background or dice_include_background)
     ce = _wce_per_organ(logits, labels, beta, activation, include_background, class_weights, where, ignore_index)
     p = _probs(logits, activation)
     if mask is not None:
         p, t = p * mask, t * mask
-    d = soft_dice(p[:, c0:], t[:, c0:], smooth_nr=smooth, smooth_dr=smooth, batch_dice=batch_dice)
+    d = soft_dice(p[:, dice_c0:], t[:, dice_c0:], smooth_nr=smooth, smooth_dr=smooth, batch_dice=batch_dice)
     if class_weights is not None:
-        d = d * torch.as_tensor(class_weights, dtype=logits.dtype)[c0:]
-    return _reduce(alpha * ce - (1 - alpha) * d.expand_as(ce), reduction)
+        d = d * torch.as_tensor(class_weights, dtype=logits.dtype)[dice_c0:]
+    if dice_c0 != c0:  # the background's column has no cross-entropy part; the mean over the columns keeps
+        width = logits.shape[1] - dice_c0  # alpha times the organs' mean cross-entropy
+        ce = torch.nn.functional.pad(ce, (c0 - dice_c0, 0)) * (width / (logits.shape[1] - c0))
+    return _reduce(alpha * ce - (1 - alpha) * d.expand(ce.shape[0], -1), reduction)
 
 
 def dice_loss(logits, labels, *, activation="softmax", smooth_nr=1e-5, smooth_dr=1e-5, squared_pred=False,
