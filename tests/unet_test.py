@@ -63,6 +63,7 @@ def test_remat_policies_keep_less_for_the_backward_pass():
 
     assert saved_bytes("none") > saved_bytes("convs") > saved_bytes("blocks")
     assert saved_bytes(False) == saved_bytes("none") and saved_bytes(True) == saved_bytes("blocks")
+    assert saved_bytes("True") == saved_bytes("blocks")  # a command-line override of model.remat
     with pytest.raises(ValueError, match="remat.*'everything'.*none, convs, blocks"):
         UNet(spatial_dims=2, in_channels=1, num_classes=3, features=(4, 8), remat="everything", rngs=nnx.Rngs(0))
 

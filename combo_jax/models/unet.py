@@ -277,7 +277,12 @@ REMAT_POLICIES = {
 
 
 def _remat_policy(remat):
-    """The policy name of a ``remat`` argument: a name from REMAT_POLICIES, or a bool (True is "blocks")."""
+    """The policy name of a ``remat`` argument: a name from REMAT_POLICIES, or a bool (True is "blocks").
+
+    "true" and "false" are read as the bools, as a command-line override of a config gives them.
+    """
+    if isinstance(remat, str) and remat.lower() in ("true", "false"):
+        remat = remat.lower() == "true"
     if isinstance(remat, bool):
         return "blocks" if remat else "none"
     if remat not in REMAT_POLICIES:
