@@ -585,7 +585,7 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
 # and where the data and its cache live. Everything else decides which batches and which updates the run made.
 _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                       "train.keep_checkpoints", "train.on_nonfinite", "train.eval_batch_size", "eval.", "data.root",
-                      "data.cache_dir")
+                      "data.cache_dir", "model.remat")  # remat: what the backward pass recomputes
 
 
 def write_text_atomic(path: str, text: str) -> None:
