@@ -7,6 +7,9 @@ the ratio to MONAI fp32 in the same run, and achieved TFLOP/s (XLA's count of th
 
     python benchmarks/train_step.py                                # CPU-sized: B=2, 32^3
     python benchmarks/train_step.py --batch 2 --size 128           # the GPU configuration
+
+Needs jax, flax, optax, torch and MONAI only: the repository is put on the path, installed or not. Targets on
+an H200 at B=2, 128^3: at most 20 ms bf16 and 45 ms fp32 (BENCHMARKS.md has the ahead-of-time figures).
 """
 
 from __future__ import annotations
@@ -17,22 +20,25 @@ import json
 import os
 import platform
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import torch
 from flax import nnx
 
-from combo_jax import losses
-from combo_jax.models.unet import UNet
-from timing import median_ms
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, installed or not
+from combo_jax import losses  # noqa: E402
+from combo_jax.models.unet import REMAT_POLICIES, UNet  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 FEATURES = (32, 32, 64, 128, 256)
 
 
-def jax_step_fn(dtype, classes):
-    model = UNet(spatial_dims=3, in_channels=1, num_classes=classes, features=FEATURES, dtype=dtype, rngs=nnx.Rngs(0))
+def jax_step_fn(dtype, classes, *, features=FEATURES, remat=False):
+    model = UNet(spatial_dims=3, in_channels=1, num_classes=classes, features=features, dtype=dtype, remat=remat,
+                 rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adam(1e-4)
     opt_state = tx.init(params)
@@ -55,8 +61,11 @@ def main():
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--remat", default="none", choices=list(REMAT_POLICIES), help="the U-Net's remat policy")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
+
+    import torch
 
     on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
     dev = "cuda" if on_gpu else "cpu"
@@ -98,7 +107,7 @@ def main():
 
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     for name, dtype in (("combo_jax UNet fp32", jnp.float32), ("combo_jax UNet bf16", jnp.bfloat16)):
-        step, params, opt_state = jax_step_fn(dtype, k)
+        step, params, opt_state = jax_step_fn(dtype, k, remat=args.remat)
         cost = step.lower(params, opt_state, x, y).compile().cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
         state = {"params": params, "opt": opt_state}
@@ -111,7 +120,7 @@ def main():
 
     base = rows["MONAI BasicUNet fp32"][0]
     print(f"device: {device_name}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
-    print(f"train step, B={b}, 1x{s}^3 -> {k} classes, widths {FEATURES}, Adam, Dice+CE")
+    print(f"train step, B={b}, 1x{s}^3 -> {k} classes, widths {FEATURES}, Adam, Dice+CE, remat {args.remat}")
     print(f"{'implementation':<32} {'ms/step':>9} {'x MONAI fp32':>13} {'TFLOP/s':>8}")
     out = []
     for name, (ms, flops) in rows.items():

@@ -45,7 +45,7 @@ _NOT_CONFIGURABLE = ("logits", "labels", "where", "ignore_index", "reduction", "
 # and where the data and its cache live. Everything else decides which batches and which updates the run made.
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.on_nonfinite", "train.eval_batch_size", "eval.", "data.root",
-             "data.cache_dir")
+             "data.cache_dir", "model.remat")  # remat: what the backward pass recomputes, not the run's numbers
 
 
 class ConfigError(ValueError):
@@ -348,6 +348,10 @@ def check_config(config, *, num_devices: int, num_processes: int = 1) -> None:
         raise ConfigError(f"config.model.features={tuple(m.features)} must be two or more positive widths")
     _choice(config, "model.norm", ("instance", "group"))
     _choice(config, "model.dtype", ("float32", "bfloat16"))
+    from combo_jax.models.unet import REMAT_POLICIES
+
+    if not (isinstance(m.remat, bool) or m.remat in REMAT_POLICIES):
+        raise ConfigError(f"config.model.remat must be one of {', '.join(map(repr, REMAT_POLICIES))}, got {m.remat!r}")
     divisor = 2 ** (len(m.features) - 1)
     shapes = {"config.data.shape": tuple(d.shape)}
     if d.name == "nifti":

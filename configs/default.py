@@ -61,7 +61,9 @@ def get_config(loss: str = "combo") -> ml_collections.ConfigDict:
     config.model.norm = "instance"
     config.model.deep_supervision = False
     config.model.dtype = "float32"
-    config.model.remat = False
+    # What each block keeps for the backward pass: "none", "convs" or "blocks" (combo_jax.models.unet
+    # .REMAT_POLICIES; True and False still mean "blocks" and "none"). Less kept, more recomputed.
+    config.model.remat = "none"
 
     config.loss = loss_config(loss)
 

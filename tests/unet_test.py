@@ -1,12 +1,14 @@
-"""The U-Net: shapes in 2D and 3D, dtypes, deep supervision, and the matmul up-sampling."""
+"""The U-Net: shapes in 2D and 3D, dtypes, deep supervision, the matmul up-sampling, and the numerics of the
+accelerator-friendly layers against the plain formulation they replace."""
 
 import jax
+import jax.test_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from combo_jax.models.unet import PatchUpsample, UNet, pad_to_multiple
+from combo_jax.models.unet import PatchUpsample, UNet, max_pool, norm_leaky_relu, pad_to_multiple
 
 
 @pytest.mark.parametrize("spatial", [(32, 48), (16, 8, 24)])
@@ -35,7 +37,8 @@ def test_deep_supervision_returns_full_resolution_heads():
     assert all(o.shape == (1, 8, 8, 8, 4) for o in outs)
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("remat", [True, "blocks", "convs"])
+def test_remat_gives_the_same_gradients(remat):
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
 
     def grads(remat):
@@ -43,8 +46,26 @@ def test_remat_gives_the_same_gradients():
         graphdef, params = nnx.split(model, nnx.Param)
         return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
 
-    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(remat))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_policies_keep_less_for_the_backward_pass():
+    """Each policy keeps fewer residuals than the one before: none > convs > blocks."""
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
+
+    def saved_bytes(remat):
+        model = UNet(spatial_dims=2, in_channels=1, num_classes=3, features=(4, 8), remat=remat, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        # The function jax.vjp returns holds the residuals as its pytree leaves.
+        _, backward = jax.vjp(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)), params)
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))
+
+    assert saved_bytes("none") > saved_bytes("convs") > saved_bytes("blocks")
+    assert saved_bytes(False) == saved_bytes("none") and saved_bytes(True) == saved_bytes("blocks")
+    assert saved_bytes("True") == saved_bytes("blocks")  # a command-line override of model.remat
+    with pytest.raises(ValueError, match="remat.*'everything'.*none, convs, blocks"):
+        UNet(spatial_dims=2, in_channels=1, num_classes=3, features=(4, 8), remat="everything", rngs=nnx.Rngs(0))
 
 
 def test_spatial_size_not_divisible_is_a_clear_error():
@@ -78,3 +99,157 @@ def test_patch_upsample_equals_general_transposed_convolution(spatial_dims, shap
     assert got.shape == expected.shape == (shape[0], *(2 * s for s in shape[1:-1]), 4)
     tol = 1e-6 if dtype == jnp.float32 else 3e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), atol=tol, rtol=tol)
+
+
+# --- The plain formulation: nnx.GroupNorm + jax.nn.leaky_relu, lax.reduce_window max-pool, channels-last
+# matmul up-sampling. The model's layers must compute what these compute, in value and gradient.
+
+
+def reference_upsample(up: PatchUpsample, x):
+    d, dtype = up.spatial_dims, up.dtype or x.dtype
+    kernel = jnp.asarray(up.kernel[...], dtype)[(slice(None, None, -1),) * d]
+    c_in, c_out = kernel.shape[-2:]
+    y = jnp.asarray(x, dtype) @ jnp.moveaxis(kernel, d, 0).reshape(c_in, -1)
+    batch, spatial = y.shape[0], y.shape[1 : 1 + d]
+    y = y.reshape(batch, *spatial, *(2,) * d, c_out)
+    order = [0] + [v for i in range(d) for v in (1 + i, 1 + d + i)] + [1 + 2 * d]
+    y = y.transpose(order).reshape(batch, *(2 * s for s in spatial), c_out)
+    return y + jnp.asarray(up.bias[...], dtype)
+
+
+def reference_norm(norm, x):
+    features = norm.scale.shape[0]
+    ref = nnx.GroupNorm(features, num_groups=features // norm.group_size, epsilon=norm.epsilon, dtype=norm.dtype,
+                        rngs=nnx.Rngs(0))
+    ref.scale[...], ref.bias[...] = norm.scale[...], norm.bias[...]
+    return jax.nn.leaky_relu(ref(x), norm.negative_slope)
+
+
+def reference_max_pool(x, d):
+    window = (1,) + (2,) * d + (1,)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
+
+
+def reference_forward(model: UNet, x):
+    def block(blk, h):
+        h = reference_norm(blk.norm1, blk.conv1(h))
+        return reference_norm(blk.norm2, blk.conv2(h))
+
+    d = model.spatial_dims
+    h, skips = x.astype(model.dtype), []
+    for i, blk in enumerate(model.down):
+        h = block(blk, h)
+        if i < len(model.down) - 1:
+            skips.append(h)
+            h = reference_max_pool(h, d)
+    for up, blk in zip(model.up, model.up_blocks):
+        h = block(blk, jnp.concatenate([reference_upsample(up, h), skips.pop()], axis=-1))
+    return model.out(h).astype(jnp.float32)
+
+
+def _value_and_grads(forward, model, x, labels):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p, x):
+        logits = forward(nnx.merge(graphdef, p), x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return value, logits, grads
+
+
+@pytest.mark.parametrize("spatial_dims,norm", [(3, "instance"), (2, "group")])
+def test_model_matches_the_plain_formulation(spatial_dims, norm):
+    """float32: logits, loss, the gradient wrt every parameter and wrt the input agree, parameters shared."""
+    shape = (2, *(16,) * spatial_dims, 1)
+    model = UNet(spatial_dims=spatial_dims, in_channels=1, num_classes=3, features=(8, 16, 16), norm=norm,
+                 rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), shape)
+    labels = jax.random.randint(jax.random.key(2), shape[:-1], 0, 3)
+    value, logits, (grads, dx) = _value_and_grads(lambda m, v: m(v), model, x, labels)
+    ref_value, ref_logits, (ref_grads, ref_dx) = _value_and_grads(reference_forward, model, x, labels)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(grads)]
+    for path, g, r in zip(paths, jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(r))) + 1e-12, err_msg=path)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(ref_dx))))
+
+
+def test_bfloat16_model_is_as_accurate_as_the_plain_formulation():
+    """bf16 gradients carry ~10% rounding noise at this size whichever way they are formed: both bf16 versions
+    are measured against the float32 plain formulation, and ours must not be the worse one."""
+    shape = (2, 16, 16, 16, 1)
+    x = jax.random.normal(jax.random.key(1), shape)
+    labels = jax.random.randint(jax.random.key(2), shape[:-1], 0, 3)
+    kw = dict(spatial_dims=3, in_channels=1, num_classes=3, features=(8, 16, 16), rngs=nnx.Rngs(0))
+    _, truth_logits, truth = _value_and_grads(reference_forward, UNet(**kw), x, labels)
+    bf16 = UNet(**kw, dtype=jnp.bfloat16)
+    _, logits, ours = _value_and_grads(lambda m, v: m(v), bf16, x, labels)
+    _, ref_logits, ref = _value_and_grads(reference_forward, bf16, x, labels)
+
+    def rel_err(a, b):
+        return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+    assert rel_err(logits, truth_logits) < 1.1 * rel_err(ref_logits, truth_logits) + 1e-3
+    ours_err = [rel_err(a, t) for a, t in zip(jax.tree.leaves(ours), jax.tree.leaves(truth))]
+    ref_err = [rel_err(a, t) for a, t in zip(jax.tree.leaves(ref), jax.tree.leaves(truth))]
+    assert np.mean(ours_err) < 1.1 * np.mean(ref_err), (ours_err, ref_err)
+    assert all(o < 1.5 * r + 0.01 for o, r in zip(ours_err, ref_err)), (ours_err, ref_err)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_norm_leaky_relu_matches_group_norm_in_value_and_gradient(group_size):
+    x = 3.0 * jax.random.normal(jax.random.key(0), (2, 6, 5, 4, 8)) + 1.5
+    scale = jax.random.normal(jax.random.key(1), (8,))
+    bias = jax.random.normal(jax.random.key(2), (8,))
+
+    def ref(x, scale, bias):
+        norm = nnx.GroupNorm(8, num_groups=8 // group_size, epsilon=1e-5, rngs=nnx.Rngs(0))
+        norm.scale[...], norm.bias[...] = scale, bias
+        return jax.nn.leaky_relu(norm(x), 0.01)
+
+    def ours(x, scale, bias):
+        return norm_leaky_relu(x, scale, bias, group_size, 0.01, 1e-5)
+
+    np.testing.assert_allclose(ours(x, scale, bias), ref(x, scale, bias), rtol=1e-5, atol=1e-5)
+    ct = jax.random.normal(jax.random.key(3), x.shape)
+    got = jax.vjp(ours, x, scale, bias)[1](ct)
+    want = jax.vjp(ref, x, scale, bias)[1](ct)
+    for name, g, w in zip(("x", "scale", "bias"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+    jax.test_util.check_grads(ours, (x, scale, bias), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_max_pool_gives_the_gradient_to_the_first_maximum_like_reduce_window(d):
+    # Small integers: most windows hold tied maxima, where the choice of the element that gets the gradient shows.
+    x = jax.random.randint(jax.random.key(0), (2, *(4,) * d, 3), 0, 3).astype(jnp.float32)
+    np.testing.assert_array_equal(max_pool(x, d), reference_max_pool(x, d))
+    ct = jax.random.normal(jax.random.key(1), (2, *(2,) * d, 3))
+    got = jax.vjp(lambda v: max_pool(v, d), x)[1](ct)[0]
+    want = jax.vjp(lambda v: reference_max_pool(v, d), x)[1](ct)[0]
+    np.testing.assert_array_equal(got, want)
+    assert int(jnp.sum(got != 0)) == ct.size  # one element per window, ties included
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_upsample_concat_gradients_match_autodiff_of_the_matmul_form(spatial_dims):
+    up = PatchUpsample(6, 4, spatial_dims, rngs=nnx.Rngs(1))
+    up.bias[...] = jax.random.normal(jax.random.key(2), (4,))
+    x = jax.random.normal(jax.random.key(0), (2, *(3,) * spatial_dims, 6))
+    skip = jax.random.normal(jax.random.key(3), (2, *(6,) * spatial_dims, 5))
+    graphdef, params = nnx.split(up)
+
+    def ours(p, x, skip):
+        return nnx.merge(graphdef, p)(x, skip)
+
+    def plain(p, x, skip):
+        return jnp.concatenate([reference_upsample(nnx.merge(graphdef, p), x), skip], axis=-1)
+
+    np.testing.assert_allclose(ours(params, x, skip), plain(params, x, skip), rtol=1e-6, atol=1e-6)
+    ct = jax.random.normal(jax.random.key(4), (2, *(6,) * spatial_dims, 9))
+    got = jax.vjp(ours, params, x, skip)[1](ct)
+    want = jax.vjp(plain, params, x, skip)[1](ct)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -1,30 +1,44 @@
 """A Flax NNX U-Net for 2D and 3D segmentation, channels-last.
 
 Input ``(B, *spatial, C_in)``, output logits ``(B, *spatial, K)`` in float32 whatever the compute dtype.
-Each level is two (conv 3, norm, activation) blocks; down-sampling is a stride-2 max-pool, up-sampling a
-transposed convolution with kernel = stride = 2 written as one matmul per voxel plus a reshape (see
-:class:`PatchUpsample`), then concatenation with the skip connection. Parameters are float32; ``dtype``
-sets the compute dtype (``jnp.bfloat16`` for mixed precision). Every spatial size must be divisible by
-``2 ** (len(features) - 1)``; :func:`pad_to_multiple` pads inputs that are not.
-"""
+Each level is two (conv 3, group/instance norm, leaky ReLU) blocks; down-sampling is a stride-2 max-pool,
+up-sampling a transposed convolution with kernel = stride = 2 (see :class:`PatchUpsample`), then
+concatenation with the skip connection. Parameters are float32; ``dtype`` sets the compute dtype
+(``jnp.bfloat16`` for mixed precision). Every spatial size must be divisible by ``2 ** (len(features) - 1)``;
+:func:`pad_to_multiple` pads inputs that are not.
 
+The layers are written for how accelerators run them, with the numbers of the plain formulation (tested
+against it: ``nnx.GroupNorm`` + ``jax.nn.leaky_relu``, ``lax.reduce_window`` max-pool, a matmul up-sampling,
+``jnp.concatenate``): XLA:GPU runs 3D convolutions channels-first and TPUs pad the innermost axis to 128
+lanes, so nothing here transposes a full-resolution activation or leaves a few channels innermost; the
+normalization and the max-pool have hand-written backward passes that read each activation as few times as
+possible and never scatter. BENCHMARKS.md has the compiled figures.
+"""
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 
 class PatchUpsample(nnx.Module):
-    """Transposed convolution whose kernel equals its stride (2 per axis), as a matmul plus a reshape.
+    """Transposed convolution whose kernel equals its stride (2 per axis), as cuDNN-friendly convolutions.
 
-    With kernel = stride the output patches do not overlap: each input voxel produces its own
-    ``2^d`` output voxels, ``y[2i + a] = x[i] @ W[1 - a] + b`` (flax's kernel orientation). That is one ``(C_in, 2^d C_out)`` matmul per voxel
-    and a reshape that interleaves the patches. It computes exactly what ``nnx.ConvTranspose(kernel_size=2,
-    strides=2, padding="VALID")`` computes with the same kernel and bias (tested), while XLA's general transposed
-    convolution for this case is tens of times slower on GPU.
+    With kernel = stride the output patches do not overlap: each input voxel produces its own ``2^d`` output
+    voxels, ``y[2i + a] = x[i] @ W[1 - a] + b`` (flax's kernel orientation). It computes exactly what
+    ``nnx.ConvTranspose(kernel_size=2, strides=2, padding="VALID")`` computes with the same kernel and bias
+    (tested), written as the transpose of the stride-2 convolution ``z -> sum_a z[2i + a] @ W[1 - a]^T``:
+    XLA:GPU runs it as cuDNN's strided backward-data convolution, writing the up-sampled tensor in the layout
+    the next convolution reads, where ``nnx.ConvTranspose`` becomes a convolution over a zero-dilated input
+    (tens of times slower) and a matmul + reshape needs a transpose of the whole up-sampled tensor. Called with
+    the skip connection it also concatenates (:func:`upsample_concat`), so that the backward pass reads the
+    concatenated gradient without slicing it.
     """
 
     def __init__(self, in_features: int, out_features: int, spatial_dims: int, *, dtype=None, rngs: nnx.Rngs):
@@ -37,30 +51,200 @@ class PatchUpsample(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = self.spatial_dims
+    def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
+        """The up-sampled ``x``; with ``skip``, ``concatenate([up(x), skip], -1)`` (see :func:`upsample_concat`)."""
         dtype = self.dtype or x.dtype
-        # nnx.ConvTranspose (lax.conv_transpose, transpose_kernel=False) maps y[2i + a] = x[i] @ W[1 - a]:
-        # flip the spatial axes so the two modules share parameters.
-        kernel = jnp.asarray(self.kernel[...], dtype)[(slice(None, None, -1),) * d]
-        c_in, c_out = kernel.shape[-2:]
-        # (a_1..a_d, c_in, c_out) -> (c_in, a_1..a_d, c_out) -> (c_in, 2^d c_out)
-        w = jnp.moveaxis(kernel, d, 0).reshape(c_in, -1)
-        y = jnp.asarray(x, dtype) @ w  # (B, *spatial, 2^d * c_out)
-        batch, spatial = y.shape[0], y.shape[1 : 1 + d]
-        y = y.reshape(batch, *spatial, *(2,) * d, c_out)
-        # (B, s_1..s_d, a_1..a_d, C) -> (B, s_1, a_1, ..., s_d, a_d, C) -> (B, 2 s_1, ..., 2 s_d, C)
-        order = [0] + [v for i in range(d) for v in (1 + i, 1 + d + i)] + [1 + 2 * d]
-        y = y.transpose(order).reshape(batch, *(2 * s for s in spatial), c_out)
-        return y + jnp.asarray(self.bias[...], dtype)
+        kernel, bias = jnp.asarray(self.kernel[...], dtype), jnp.asarray(self.bias[...], dtype)
+        x = jnp.asarray(x, dtype)
+        if skip is None:
+            return _upsample(x, kernel, bias)
+        return upsample_concat(x, jnp.asarray(skip, dtype), kernel, bias)
 
 
-def _norm(kind: str, features: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
+def _concat_channels(a, b):
+    """``jnp.concatenate([a, b], -1)`` as a select between the two zero-padded arrays.
+
+    The same values, in a form XLA:GPU fuses into the elementwise kernel that writes the up-sampled values.
+    """
+    ca, cb = a.shape[-1], b.shape[-1]
+    pad = [(0, 0)] * (a.ndim - 1)
+    channel = jax.lax.broadcasted_iota(jnp.int32, (*a.shape[:-1], ca + cb), a.ndim - 1)
+    return jnp.where(channel < ca, jnp.pad(a, [*pad, (0, cb)]), jnp.pad(b, [*pad, (ca, 0)]))
+
+
+def _strided_conv(g, kernel):
+    """The stride-2, 2^d-window convolution of (B, *2s, C) ``g``: the transpose of the up-sampling in its input."""
+    d = g.ndim - 2
+    names = "DHW"[-d:]
+    return jax.lax.conv_general_dilated(g, kernel, (2,) * d, "VALID",
+                                        dimension_numbers=(f"N{names}C", f"{names}IO", f"N{names}C"))
+
+
+def _conv_kernel(kernel):
+    """flax's transposed-convolution kernel (a.., c_in, c_out) as the (a.., c_out, c_in) kernel of the stride-2
+    convolution it transposes: W[1 - a], swapped (and back: the map is its own inverse)."""
+    d = kernel.ndim - 2
+    return jnp.swapaxes(kernel[(slice(None, None, -1),) * d], -1, -2)
+
+
+def _upsample(x, kernel, bias):
+    """``y[2i + a] = x[i] @ W[1 - a] + b``: the transpose of :func:`_strided_conv` with :func:`_conv_kernel`."""
+    shape = (x.shape[0], *(2 * s for s in x.shape[1:-1]), kernel.shape[-1])
+    strided = jax.linear_transpose(lambda z: _strided_conv(z, _conv_kernel(kernel)), jax.ShapeDtypeStruct(shape, x.dtype))
+    return strided(x)[0] + bias
+
+
+@jax.custom_vjp
+def upsample_concat(x, skip, kernel, bias):
+    """``concatenate([up(x), skip], -1)`` where ``up`` is :class:`PatchUpsample`'s transposed convolution.
+
+    The backward pass is written out: the up-sampling's input and kernel gradients are the stride-2
+    convolution and its filter gradient, read straight from the concatenated gradient (the kernel
+    zero-padded over the skip channels), with the bias gradient from the same filter-gradient pass: no slice
+    and no transposed copy of the full-resolution gradient.
+    """
+    return _concat_channels(_upsample(x, kernel, bias), skip)
+
+
+def _upsample_concat_fwd(x, skip, kernel, bias):
+    return upsample_concat(x, skip, kernel, bias), (x, kernel)
+
+
+def _upsample_concat_bwd(residuals, grad):
+    x, kernel = residuals
+    d, (c_in, c_out) = x.ndim - 2, kernel.shape[-2:]
+    # y[2i + a] = x[i] @ W[1 - a] + b  =>  dx[i] = sum_a grad[2i + a] @ W[1 - a]^T: the stride-2 convolution of
+    # the gradient, with zero weights for the skip channels so that it reads the gradient as it is. The kernel
+    # gradient is that convolution's filter gradient against x; a ones channel appended to x gives the bias
+    # gradient in the same pass (its filter-gradient row sums the gradient over every voxel of each offset).
+    padding = [(0, 0)] * d + [(0, grad.shape[-1] - c_out), (0, 1)]
+    conv_kernel = jnp.pad(_conv_kernel(kernel), padding)  # (2,..., C_total, c_in + 1)
+    dx, filter_vjp = jax.vjp(lambda w: _strided_conv(grad, w), conv_kernel)
+    (dconv_kernel,) = filter_vjp(jnp.concatenate([x, jnp.ones((*x.shape[:-1], 1), x.dtype)], -1))
+    dkernel = _conv_kernel(dconv_kernel[..., :c_out, :c_in])
+    dbias = jnp.sum(dconv_kernel[..., :c_out, c_in].astype(jnp.float32), tuple(range(d))).astype(kernel.dtype)
+    return dx[..., :c_in], grad[..., c_out:], dkernel, dbias
+
+
+upsample_concat.defvjp(_upsample_concat_fwd, _upsample_concat_bwd)
+
+
+class Norm(nnx.Module):
+    """Group normalization followed by leaky ReLU, with a hand-written backward pass.
+
+    Computes what ``nnx.GroupNorm`` (fast variance, float32 statistics, scale and bias in the compute dtype)
+    followed by ``jax.nn.leaky_relu`` computes, with the same parameters (``scale``, ``bias``).
+    ``group_size = 1`` is instance normalization. The backward pass (:func:`norm_leaky_relu`) reads the
+    input and the incoming gradient twice, once for the per-channel sums and once to form the gradient,
+    and stores nothing else: two passes over the activation instead of the three that autodiff of the
+    composition gives.
+    """
+
+    def __init__(self, features: int, group_size: int, *, negative_slope: float = 0.01, epsilon: float = 1e-5,
+                 dtype=None):
+        if features % group_size:
+            raise ValueError(f"Norm: features ({features}) must be a multiple of group_size ({group_size})")
+        self.group_size = group_size
+        self.negative_slope = negative_slope
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        return norm_leaky_relu(jnp.asarray(x, dtype), jnp.asarray(self.scale[...], dtype),
+                               jnp.asarray(self.bias[...], dtype), self.group_size, self.negative_slope,
+                               self.epsilon)
+
+
+def _group_sum(v, group_size):
+    """Sums (B, C) per-channel values over the groups of ``group_size`` channels, broadcast back to (B, C)."""
+    if group_size == 1:
+        return v
+    b, c = v.shape
+    return jnp.repeat(v.reshape(b, c // group_size, group_size).sum(-1), group_size, axis=-1)
+
+
+def _channel_sums(*values):
+    """Sums of each (B, *spatial, C) value over the spatial axes, shape (B, C), float32."""
+    axes = tuple(range(1, values[0].ndim - 1))
+    return [jnp.sum(v, axes, dtype=jnp.float32) for v in values]
+
+
+def _expand(v, ndim):
+    """(B, C) -> (B, 1, ..., 1, C) for broadcasting against a (B, *spatial, C) array."""
+    return v.reshape(v.shape[0], *(1,) * (ndim - 2), v.shape[-1])
+
+
+def _norm_stats(x, group_size, epsilon):
+    """Per-(sample, channel) mean and 1/sqrt(var + eps), (B, C) float32, from float32 sums of x and x^2."""
+    count = math.prod(x.shape[1:-1]) * group_size
+    xf = x.astype(jnp.float32)
+    s1, s2 = _channel_sums(xf, xf * xf)
+    mean = _group_sum(s1, group_size) / count
+    # E[x^2] - E[x]^2 can round below zero.
+    var = jnp.maximum(0.0, _group_sum(s2, group_size) / count - mean * mean)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _norm_apply(x, mean, rstd, scale, bias):
+    """(x - mean) * (rstd * scale) + bias in float32, cast to x's dtype: the pre-activation."""
+    n = x.ndim
+    mul = _expand(rstd, n) * scale.astype(jnp.float32)
+    return ((x.astype(jnp.float32) - _expand(mean, n)) * mul + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _leaky_relu(y, negative_slope):
+    return jnp.where(y >= 0, y, negative_slope * y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def norm_leaky_relu(x, scale, bias, group_size, negative_slope, epsilon):
+    """``leaky_relu(group_norm(x) * scale + bias)`` over the spatial axes of (B, *spatial, C) ``x``.
+
+    Statistics are float32 (``mean(x)``, ``mean(x^2) - mean(x)^2`` over the spatial axes and the
+    ``group_size`` channels of each group); the result has ``x``'s dtype. ``scale`` and ``bias`` have shape
+    (C,) and ``x``'s dtype.
+    """
+    mean, rstd = _norm_stats(x, group_size, epsilon)
+    return _leaky_relu(_norm_apply(x, mean, rstd, scale, bias), negative_slope)
+
+
+def _norm_leaky_relu_fwd(x, scale, bias, group_size, negative_slope, epsilon):
+    mean, rstd = _norm_stats(x, group_size, epsilon)
+    return _leaky_relu(_norm_apply(x, mean, rstd, scale, bias), negative_slope), (x, mean, rstd, scale, bias)
+
+
+def _norm_leaky_relu_bwd(group_size, negative_slope, epsilon, residuals, grad):
+    del epsilon
+    x, mean, rstd, scale, bias = residuals
+    n = x.ndim
+    pre = _norm_apply(x, mean, rstd, scale, bias)
+    # Leaky ReLU's backward in the compute dtype, as autodiff of jnp.where gives it.
+    g = jnp.where(pre >= 0, grad, negative_slope * grad).astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - _expand(mean, n)) * _expand(rstd, n)
+    # (B, C): the bias and scale gradients per sample. The barrier keeps XLA from merging the sums over the
+    # batch below into one reduction over the whole activation, which would need g stored from this pass.
+    sum_g, sum_gx = jax.lax.optimization_barrier(_channel_sums(g, g * xhat))
+    scale32 = scale.astype(jnp.float32)
+    count = math.prod(x.shape[1:-1]) * group_size
+    # d/dx of the normalized value, with the mean's and the variance's paths folded into two group sums.
+    mean_g = _group_sum(sum_g * scale32, group_size) / count
+    mean_gx = _group_sum(sum_gx * scale32, group_size) / count
+    dx = _expand(rstd, n) * (g * scale32 - _expand(mean_g, n) - xhat * _expand(mean_gx, n))
+    return dx.astype(x.dtype), sum_gx.sum(0).astype(scale.dtype), sum_g.sum(0).astype(bias.dtype)
+
+
+norm_leaky_relu.defvjp(_norm_leaky_relu_fwd, _norm_leaky_relu_bwd)
+
+
+def _group_size(kind: str, features: int) -> int:
     if kind == "instance":
         # Instance norm: one group per channel, statistics over the spatial axes of each sample.
-        return nnx.GroupNorm(features, num_groups=features, epsilon=1e-5, dtype=dtype, rngs=rngs)
+        return 1
     if kind == "group":
-        return nnx.GroupNorm(features, num_groups=min(8, features), epsilon=1e-5, dtype=dtype, rngs=rngs)
+        return features // min(8, features)
     raise ValueError(f"UNet: unknown norm {kind!r}; expected 'instance' or 'group'")
 
 
@@ -69,14 +253,41 @@ class ConvBlock(nnx.Module):
 
     def __init__(self, in_features, out_features, spatial_dims, *, norm, dtype, rngs: nnx.Rngs):
         kernel = (3,) * spatial_dims
+        group_size = _group_size(norm, out_features)
         self.conv1 = nnx.Conv(in_features, out_features, kernel, use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm1 = _norm(norm, out_features, dtype, rngs)
+        self.norm1 = Norm(out_features, group_size, dtype=dtype)
         self.conv2 = nnx.Conv(out_features, out_features, kernel, use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm2 = _norm(norm, out_features, dtype, rngs)
+        self.norm2 = Norm(out_features, group_size, dtype=dtype)
 
     def __call__(self, x):
-        x = jax.nn.leaky_relu(self.norm1(self.conv1(x)), 0.01)
-        return jax.nn.leaky_relu(self.norm2(self.conv2(x)), 0.01)
+        h = self.norm1(checkpoint_name(self.conv1(x), "conv"))
+        return self.norm2(checkpoint_name(self.conv2(h), "conv"))
+
+
+# Rematerialization policies for the blocks' activations (``UNet(remat=...)``): what the forward pass keeps for
+# the backward pass inside each block; the rest is recomputed there. Block inputs and outputs are always kept.
+REMAT_POLICIES = {
+    # Keep everything: the least compute, the most memory.
+    "none": None,
+    # Keep the convolutions' outputs; recompute the normalizations and activations (elementwise work only).
+    "convs": jax.checkpoint_policies.save_only_these_names("conv"),
+    # Keep nothing: the block's two convolutions run again in the backward pass (about a third more compute).
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _remat_policy(remat):
+    """The policy name of a ``remat`` argument: a name from REMAT_POLICIES, or a bool (True is "blocks").
+
+    "true" and "false" are read as the bools, as a command-line override of a config gives them.
+    """
+    if isinstance(remat, str) and remat.lower() in ("true", "false"):
+        remat = remat.lower() == "true"
+    if isinstance(remat, bool):
+        return "blocks" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"UNet: unknown remat {remat!r}; expected a bool or one of {', '.join(REMAT_POLICIES)}")
+    return remat
 
 
 class UNet(nnx.Module):
@@ -91,7 +302,10 @@ class UNet(nnx.Module):
       deep_supervision: also return logits from the decoder levels below full resolution (up-sampled by
         nearest neighbour to full resolution), as a list after the main output.
       dtype: compute dtype (parameters and logits stay float32).
-      remat: rematerialize each block's activations in the backward pass (less memory, more compute).
+      remat: what each block keeps for the backward pass, a name from ``REMAT_POLICIES``: ``"none"`` (all its
+        activations), ``"convs"`` (its convolutions' outputs; the normalizations are recomputed) or
+        ``"blocks"`` (nothing; the whole block is recomputed). ``True`` means ``"blocks"``, ``False``
+        ``"none"``.
       rngs: ``nnx.Rngs`` for the initial parameters (keyword-only, no default).
     """
 
@@ -105,7 +319,7 @@ class UNet(nnx.Module):
         norm: str = "instance",
         deep_supervision: bool = False,
         dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         if spatial_dims not in (2, 3):
@@ -116,7 +330,7 @@ class UNet(nnx.Module):
         self.features = tuple(int(f) for f in features)
         self.deep_supervision = deep_supervision
         self.dtype = dtype
-        self.remat = remat
+        self.remat = _remat_policy(remat)
         block = dict(norm=norm, dtype=dtype, rngs=rngs)
         self.down = nnx.List([])
         prev = in_channels
@@ -149,30 +363,89 @@ class UNet(nnx.Module):
                 f"UNet: every spatial size must be divisible by 2^(levels-1) = {self.divisor}, got spatial shape "
                 f"{x.shape[1:-1]}; pad the input (combo_jax.models.unet.pad_to_multiple) or crop it"
             )
-        run = (lambda blk, h: nnx.remat(lambda m, v: m(v))(blk, h)) if self.remat else (lambda blk, h: blk(h))
+        def down(blk, h):
+            return blk(h)
+
+        def up(upsample, blk, h, skip):  # the up-sampled, concatenated input is recomputed too
+            return blk(upsample(h, skip))
+
+        if self.remat != "none":
+            policy = REMAT_POLICIES[self.remat]
+            down, up = nnx.remat(down, policy=policy), nnx.remat(up, policy=policy)
         h = x.astype(self.dtype)
         skips = []
         for i, blk in enumerate(self.down):
-            h = run(blk, h)
+            h = down(blk, h)
             if i < len(self.down) - 1:
                 skips.append(h)
-                h = _max_pool(h, d)
+                h = max_pool(h, d)
         extra = []
         head = 0
-        for level, (up, blk) in enumerate(zip(self.up, self.up_blocks)):
-            h = up(h)
-            h = run(blk, jnp.concatenate([h, skips.pop()], axis=-1))
+        for level, (upsample, blk) in enumerate(zip(self.up, self.up_blocks)):
+            h = up(upsample, blk, h, skips.pop())
             if self.deep_supervision and level < len(self.up) - 1:
-                low = self.heads[head](h).astype(jnp.float32)
+                low = _pointwise(self.heads[head], h).astype(jnp.float32)
                 head += 1
                 extra.append(_upsample_nearest(low, x.shape[1:-1]))
-        logits = self.out(h).astype(jnp.float32)
+        logits = _pointwise(self.out, h).astype(jnp.float32)
         return [logits, *extra[::-1]] if self.deep_supervision else logits
 
 
-def _max_pool(x, d):
-    window = (1,) + (2,) * d + (1,)
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
+def _pointwise(conv: nnx.Conv, x):
+    """``conv(x)`` for a 1x1 ``nnx.Conv`` (with bias), as a product formed channels-first.
+
+    Formed as (B, K, *spatial), the few output channels are not the innermost axis: TPUs pad that axis to 128
+    lanes, which made the 6-class logits of a 128^3 batch a 1 GB buffer.
+    """
+    dtype = conv.dtype or x.dtype
+    kernel = jnp.asarray(conv.kernel[...], dtype).reshape(conv.kernel.shape[-2:])  # (C, K)
+    batch = x.shape[0]
+    w = jnp.broadcast_to(kernel.T, (batch, *kernel.T.shape))
+    y = jax.lax.dot_general(w, jnp.asarray(x, dtype), (((2,), (x.ndim - 1,)), ((0,), (0,))))  # (B, K, *spatial)
+    return jnp.moveaxis(y, 1, -1) + jnp.asarray(conv.bias[...], dtype)
+
+
+def _windows(x, d):
+    """The 2^d strided views x[:, a_1::2, ..., a_d::2, :] of a (B, *spatial, C) array, in window order."""
+    return [x[(slice(None), *(slice(a, None, 2) for a in offset), slice(None))]
+            for offset in itertools.product(range(2), repeat=d)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(x, d):
+    """2^d max-pool with stride 2 over the spatial axes of (B, *spatial, C) ``x``, as an elementwise max.
+
+    The gradient goes to the first maximum of each window in row-major window order, as XLA's
+    select-and-scatter (the gradient of ``lax.reduce_window`` max) gives it; it is formed elementwise from a
+    stored int8 index of that maximum, with no scatter.
+    """
+    return functools.reduce(jnp.maximum, _windows(x, d))
+
+
+def _max_pool_fwd(x, d):
+    views = _windows(x, d)
+    y = functools.reduce(jnp.maximum, views)
+    first = jnp.full(y.shape, len(views) - 1, jnp.int8)
+    for i in range(len(views) - 2, -1, -1):
+        first = jnp.where(views[i] == y, jnp.int8(i), first)
+    return y, first
+
+
+def _max_pool_bwd(d, first, grad):
+    # (B, s_1, 2, ..., s_d, 2, C): the window offsets as separate axes; broadcast index and gradient over them.
+    b, c = grad.shape[0], grad.shape[-1]
+    spatial = grad.shape[1:-1]
+    full = (b, *(v for s in spatial for v in (s, 2)), c)
+    offset = sum(jax.lax.broadcasted_iota(jnp.int8, full, 2 + 2 * i) * (1 << (d - 1 - i)) for i in range(d))
+
+    def spread(v):
+        return v.reshape(b, *(v for s in spatial for v in (s, 1)), c)
+
+    dx = jnp.where(offset == spread(first), spread(grad), jnp.zeros((), grad.dtype))
+    return (dx.reshape(b, *(2 * s for s in spatial), c),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _upsample_nearest(x, spatial):
