@@ -4,7 +4,8 @@ Both sides: a 3D U-Net of the same widths (ours; MONAI BasicUNet), one input cha
 overlap 0.5, Gaussian weighting, 4 windows per forward pass, a synthetic volume, float32; the timed result is the
 label map on the host (ours: argmax on the device, only the label map transferred; MONAI: its returned logits,
 then argmax). The first call of each (compilation, warm-up) is not timed. Prints the median of --iters calls and
-the ratio, and writes JSON.
+the ratio, and, to tell the network's time from the sliding-window machinery's, each side's network alone on as
+many batches of windows; writes JSON.
 
     python benchmarks/sliding_window.py                                  # 256 x 256 x 160, widths (8, 16, 32, 64, 128)
     python benchmarks/sliding_window.py --shape 128,128,96 --iters 1     # a quick look
@@ -72,6 +73,20 @@ def main():
             return torch.argmax(logits, dim=1).cpu().numpy()
 
     monai_s = timed(monai_run)
+    from combo_jax.inference import window_starts
+
+    batches = -(-len(window_starts(shape, window, 0.5)) // args.batch)
+    xw = torch.zeros((args.batch, 1, *window), device=dev)
+
+    def monai_model_only():
+        with torch.no_grad():
+            for _ in range(batches):
+                out = net(xw)
+            if on_gpu:
+                torch.cuda.synchronize()
+            return out
+
+    monai_model_s = timed(monai_model_only)
 
     # combo_jax.
     model = UNet(spatial_dims=3, in_channels=1, num_classes=args.classes, features=features, rngs=nnx.Rngs(0))
@@ -81,17 +96,31 @@ def main():
                                 batch_size=args.batch, mesh=mesh)
     params = jax.device_put(params)
     ours_s = timed(lambda: predictor(params, image).get())
+    apply = jax.jit(lambda p, w: nnx.merge(graphdef, p)(w))
+    windows = jax.device_put(np.zeros((args.batch, *window, 1), np.float32))
+
+    def ours_model_only():
+        for _ in range(batches):
+            out = apply(params, windows)
+        return jax.block_until_ready(out)
+
+    ours_model_s = timed(ours_model_only)
 
     print(f"device: {device_name}; jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), "
           f"torch {torch.__version__}")
     print(f"volume {shape}, window {window}, overlap 0.5, {args.batch} windows per pass, widths {features}")
-    print(f"{'implementation':<40} {'s':>8} {'x MONAI':>8}")
-    print(f"{'MONAI sliding_window_inference':<40} {monai_s:8.2f} {1.0:8.3f}")
-    print(f"{'combo_jax DevicePredictor':<40} {ours_s:8.2f} {ours_s / monai_s:8.3f}")
+    print(f"{batches} batches of {args.batch} windows; 'model alone' runs the network on as many batches, so the "
+          "rest of the time is the sliding-window machinery")
+    print(f"{'implementation':<40} {'s':>8} {'x MONAI':>8} {'model alone s':>14} {'machinery s':>12}")
+    print(f"{'MONAI sliding_window_inference':<40} {monai_s:8.2f} {1.0:8.3f} {monai_model_s:14.2f} "
+          f"{monai_s - monai_model_s:12.2f}")
+    print(f"{'combo_jax DevicePredictor':<40} {ours_s:8.2f} {ours_s / monai_s:8.3f} {ours_model_s:14.2f} "
+          f"{ours_s - ours_model_s:12.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": datetime.date.today().isoformat(), "device": device_name, "shape": shape, "window": window,
                    "features": features, "batch": args.batch, "monai_s": monai_s, "combo_jax_s": ours_s,
+                   "windows_batches": batches, "monai_model_s": monai_model_s, "combo_jax_model_s": ours_model_s,
                    "ratio": ours_s / monai_s, "jax": jax.__version__, "torch": torch.__version__}, f, indent=2)
     print(f"wrote {args.out}")
 

@@ -173,7 +173,8 @@ def volume_cases(config):
     d = config.data
     if not d.root:
         raise ConfigError("config.data.root is empty: set it to the dataset folder (an MSD task, or the folder that "
-                          "config.data.cases is relative to)")
+                          "config.data.cases is relative to); the real-sample configs find theirs only in "
+                          "../shared/data beside the repository")
     if not os.path.isdir(d.root):
         raise ConfigError(f"config.data.root={d.root!r} is not a folder")
     if d.cases:
