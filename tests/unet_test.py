@@ -253,3 +253,18 @@ def test_upsample_concat_gradients_match_autodiff_of_the_matmul_form(spatial_dim
     want = jax.vjp(plain, params, x, skip)[1](ct)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_parameters_are_those_of_the_plain_formulation():
+    """A seed gives the parameters the plain layers (nnx.Conv, nnx.GroupNorm) draw in the same order: runs of a
+    seed start where they started before the layers were rewritten."""
+    rngs = nnx.Rngs(params=3)
+    conv1 = nnx.Conv(1, 8, (3, 3), use_bias=False, rngs=rngs)
+    nnx.GroupNorm(8, num_groups=8, rngs=rngs)
+    conv2 = nnx.Conv(8, 8, (3, 3), use_bias=False, rngs=rngs)
+    nnx.GroupNorm(8, num_groups=8, rngs=rngs)
+    conv3 = nnx.Conv(8, 16, (3, 3), use_bias=False, rngs=rngs)
+    model = UNet(spatial_dims=2, in_channels=1, num_classes=3, features=(8, 16), rngs=nnx.Rngs(params=3))
+    np.testing.assert_array_equal(model.down[0].conv1.kernel[...], conv1.kernel[...])
+    np.testing.assert_array_equal(model.down[0].conv2.kernel[...], conv2.kernel[...])
+    np.testing.assert_array_equal(model.down[1].conv1.kernel[...], conv3.kernel[...])

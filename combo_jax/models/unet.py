@@ -141,7 +141,7 @@ class Norm(nnx.Module):
     """
 
     def __init__(self, features: int, group_size: int, *, negative_slope: float = 0.01, epsilon: float = 1e-5,
-                 dtype=None):
+                 dtype=None, rngs: nnx.Rngs | None = None):
         if features % group_size:
             raise ValueError(f"Norm: features ({features}) must be a multiple of group_size ({group_size})")
         self.group_size = group_size
@@ -150,6 +150,11 @@ class Norm(nnx.Module):
         self.dtype = dtype
         self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+        if rngs is not None:
+            # nnx.GroupNorm draws a key for its scale and one for its bias: drawing them too keeps every later
+            # layer's initial parameters, for a given seed, those of the plain formulation (and of earlier runs).
+            rngs.params()
+            rngs.params()
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
@@ -255,9 +260,9 @@ class ConvBlock(nnx.Module):
         kernel = (3,) * spatial_dims
         group_size = _group_size(norm, out_features)
         self.conv1 = nnx.Conv(in_features, out_features, kernel, use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm1 = Norm(out_features, group_size, dtype=dtype)
+        self.norm1 = Norm(out_features, group_size, dtype=dtype, rngs=rngs)
         self.conv2 = nnx.Conv(out_features, out_features, kernel, use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm2 = Norm(out_features, group_size, dtype=dtype)
+        self.norm2 = Norm(out_features, group_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         h = self.norm1(checkpoint_name(self.conv1(x), "conv"))
