@@ -2,7 +2,8 @@
 
 * :class:`WorkdirLock`: one training run per workdir. The lock is a file ``WORKDIR/.lock`` created with
   ``O_EXCL`` and holding the owner's host, pid and process start time. A lock whose owner is a dead process on
-  this host (``kill -9``, a crash, a reboot) is stale and taken over; any other is an error naming the owner.
+  this host (``kill -9``, a crash, a reboot) is stale and taken over (by one of several racing runs only);
+  any other is an error naming the owner.
 * :func:`write_text_atomic` / :func:`write_bytes_atomic`: a reader sees the old file or the complete new one,
   never half of it; the new file is a fresh inode created with ``O_EXCL`` under a random name and renamed over
   the target, so a symbolic link planted at the target (or at a guessable temporary name) is replaced, never
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -143,17 +145,28 @@ class WorkdirLock:
                     f"workdir {self.workdir!r} is in use by another run: {_describe(owner)}. Stop that run, or use "
                     f"another workdir; if that process is gone, remove {self.path}"
                 )
-            # Take over: move the stale lock aside under a unique name (atomic; of two runs racing for the same
-            # stale lock only one moves it), then create ours with O_EXCL.
-            aside = f"{self.path}.stale.{os.getpid()}.{time.time_ns()}"
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                continue
-            os.unlink(aside)
-            self.took_over = owner
+            if self._remove_if_stale():
+                self.took_over = owner
         raise WorkdirError(f"workdir {self.workdir!r}: could not take the lock {self.path}; another run keeps "
                            "taking it")
+
+    def _remove_if_stale(self) -> bool:
+        """Removes the lock file if, read again under the takeover guard, it is still stale.
+
+        Two runs may both read the same stale lock; the guard (an ``flock`` on ``.lock.takeover``, which the
+        kernel releases when its holder dies) lets only one of them re-read and remove it at a time, so the
+        second finds the first's fresh lock and is refused, never removing a live lock.
+        """
+        guard = os.open(self.path + ".takeover", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            owner = self._read()
+            if owner is None or not self._stale(owner):
+                return False
+            os.unlink(self.path)
+            return True
+        finally:
+            os.close(guard)  # releases the flock
 
     def _stale(self, owner: dict) -> bool:
         if not owner:  # a lock file without an owner: a crash between create and write

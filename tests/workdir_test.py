@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -53,8 +54,52 @@ def test_a_lock_of_another_host_or_a_live_process_is_not_taken(tmp_path):
     assert WorkdirLock(str(tmp_path)).acquire().took_over["start"] == 1
 
 
-def test_racing_runs_get_one_lock(tmp_path):
+_RACER = """
+import os, sys, time
+from combo_jax.workdir import WorkdirError, WorkdirLock
+workdir, go = sys.argv[1], sys.argv[2]
+while not os.path.exists(go):
+    time.sleep(0.001)
+try:
+    lock = WorkdirLock(workdir).acquire()
+except WorkdirError:
+    print("refused", flush=True)
+else:
+    print("won", flush=True)
+    time.sleep(1.0)  # hold it while the others try
+    lock.release()
+"""
+
+
+def test_racing_processes_get_one_lock(tmp_path):
+    """Processes racing for one stale lock: exactly one takes it over, the others are refused (none removes
+    the winner's fresh lock)."""
     (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
+    go = tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(go)], stdout=subprocess.PIPE,
+                               text=True) for _ in range(8)]
+    time.sleep(1.0)  # let every interpreter start and wait for the signal
+    go.touch()
+    outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
+    assert outcomes == ["refused"] * 7 + ["won"], outcomes
+
+
+def test_two_runs_that_both_saw_the_stale_lock_get_one_lock(tmp_path, monkeypatch):
+    """The interleaving that lets a naive takeover remove the winner's fresh lock: both runs judge the stale lock
+    stale before either replaces it."""
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
+    both_judged = threading.Barrier(2, timeout=10)
+    judged = set()
+    stale = WorkdirLock._stale
+
+    def stale_then_wait(self, owner):
+        verdict = stale(self, owner)
+        if threading.get_ident() not in judged:  # only each run's first verdict waits for the other's
+            judged.add(threading.get_ident())
+            both_judged.wait()
+        return verdict
+
+    monkeypatch.setattr(WorkdirLock, "_stale", stale_then_wait)
     results = []
 
     def take():
@@ -63,13 +108,13 @@ def test_racing_runs_get_one_lock(tmp_path):
         except WorkdirError as err:
             results.append(err)
 
-    threads = [threading.Thread(target=take) for _ in range(8)]
+    threads = [threading.Thread(target=take) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    # Same pid for all threads: after the first takes the stale lock, the others find a live owner.
-    assert sum(isinstance(r, WorkdirLock) for r in results) == 1
+    # Same pid for both threads: once one holds the lock, the other finds a live owner.
+    assert sum(isinstance(r, WorkdirLock) for r in results) == 1, results
 
 
 def test_atomic_writes_replace_a_planted_link_and_never_follow_it(tmp_path):
