@@ -34,6 +34,7 @@ dividing the mean by the summed weights, so there such a voxel weighs 0 and is l
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from combo_jax import _fused
+from combo_jax import _fused, _sums
 
 __all__ = [
     "ClassSums",
@@ -73,10 +74,11 @@ ArrayLike = Any
 
 
 def _check_scalar(fn: str, name: str, value, low: float, high: float | None) -> None:
-    """Checks a hyperparameter: a real scalar (a Python number or an array of shape ()) in ``[low, high]``.
+    """Checks a hyperparameter: a real, finite scalar (a Python number or an array of shape ()) in ``[low, high]``.
 
     The range is checked where the value is concrete. A traced value (a jit argument, a vmapped grid, a
-    schedule) cannot be checked under ``jit`` and is used as given.
+    schedule) cannot be checked under ``jit`` and is used as given: a NaN or infinite one makes the loss NaN
+    or infinite.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.ndarray, np.generic, jax.Array)):
         raise TypeError(f"{fn}: {name} must be a real number or a scalar array, got {type(value).__name__}")
@@ -90,6 +92,8 @@ def _check_scalar(fn: str, name: str, value, low: float, high: float | None) -> 
     v = float(value)
     if high is None and not v >= low:
         raise ValueError(f"{fn}: {name} must be >= {low:g}, got {v}")
+    if high is None and not math.isfinite(v):
+        raise ValueError(f"{fn}: {name} must be finite, got {v}")
     if high is not None and not low <= v <= high:
         raise ValueError(f"{fn}: {name} must lie in [{low:g}, {high:g}], got {v}")
 
@@ -105,6 +109,13 @@ def _check_nonnegative(fn: str, name: str, value) -> None:
 def _equals(value, constant: float) -> bool:
     """Whether a hyperparameter is concretely ``constant`` (a term it weighs by 0 can then be left out)."""
     return not isinstance(value, jax.core.Tracer) and float(value) == constant
+
+
+def _check_not_empty(fn: str, name: str, shape) -> None:
+    """Rejects a batch or spatial axis of size 0 (a loss over no voxels), before any computation."""
+    if 0 in tuple(shape)[:-1]:
+        raise ValueError(f"{fn}: {name} must hold at least one sample and one voxel per sample, got shape {shape} "
+                         "(a batch or spatial axis of size 0)")
 
 
 def _check_choice(fn: str, name: str, value: str, choices: Sequence[str]) -> None:
@@ -138,6 +149,7 @@ def _prepare(
             f"{logits.shape}"
         )
     num_classes = logits.shape[-1]
+    _check_not_empty(fn, "logits", logits.shape)
     if activation == "softmax" and num_classes < 2:
         raise ValueError(
             f"{fn}: activation='softmax' needs at least 2 channels (background and one class), got logits "
@@ -188,12 +200,18 @@ def _prepare(
 
 
 def _class_weights(fn: str, class_weights: ArrayLike | None, num_classes: int, dtype) -> jax.Array | None:
-    """Returns the per-channel weights as a ``(K,)`` array, checking the length (and sign when concrete)."""
+    """Returns the per-channel weights as a ``(K,)`` array, checking the length (and values when concrete).
+
+    Concrete weights must be finite and >= 0; traced ones cannot be checked under ``jit`` (a NaN among them
+    makes the loss NaN).
+    """
     if class_weights is None:
         return None
     if not isinstance(class_weights, jax.core.Tracer):
         # Checked on the host value, which stays concrete under jit (a traced array cannot be checked).
         host = np.asarray(class_weights)
+        if np.issubdtype(host.dtype, np.number) and not np.all(np.isfinite(host)):
+            raise ValueError(f"{fn}: class_weights must be finite, got {host.tolist()}")
         if np.any(host < 0):
             raise ValueError(f"{fn}: class_weights must be >= 0, got {host.tolist()}")
     w = jnp.asarray(class_weights, dtype=dtype)
@@ -406,6 +424,7 @@ def soft_dice(
             f"{fn}: probs and onehot must share a shape (B, *spatial, K) with at least one spatial axis, got "
             f"{probs.shape} and {onehot.shape}"
         )
+    _check_not_empty(fn, "probs", probs.shape)
     _check_nonnegative(fn, "smooth_nr", smooth_nr)
     _check_nonnegative(fn, "smooth_dr", smooth_dr)
     p, t, mask, _ = _prepare(fn, probs, onehot, activation="none", where=where, ignore_index=None)
@@ -425,19 +444,19 @@ def soft_dice(
 # Per-class sums, and the losses as functions of them
 # --------------------------------------------------------------------------------------------------
 
-ClassSums = _fused.ClassSums
+ClassSums = _sums.ClassSums
 
 
 def _sums_of(x, t, ids, mask, activation, *, complement: bool = True) -> ClassSums:
     """:class:`ClassSums` of flattened inputs ``(B, N, K)``.
 
-    Softmax goes through :func:`combo_jax._fused.softmax_sums` (one pass, a hand-derived derivative; labels
-    are constants there), sigmoid and probabilities through the plain formula. ``complement=False`` leaves
-    ``ce_negative`` at zero where no loss term needs it.
+    Softmax goes through :func:`combo_jax._sums.softmax_sums` (vectorized over the channels, a hand-derived
+    derivative; labels are constants there), sigmoid and probabilities through the plain formula.
+    ``complement=False`` leaves ``ce_negative`` at zero where no loss term needs it.
     """
     if activation == "softmax":
         labels = jax.lax.stop_gradient(ids if ids is not None else t)
-        return _fused.softmax_sums(x, labels, None if mask is None else mask[..., 0], complement)
+        return _sums.softmax_sums(x, labels, None if mask is None else mask[..., 0], complement)
     p, lp, l1m = _log_probs(x, activation)
 
     def voxel_sum(v):
@@ -480,24 +499,96 @@ def _wce_terms(sums: ClassSums, weights, *, beta, first_channel: int) -> jax.Arr
 
 
 def _combo_terms(sums: ClassSums, weights, *, alpha, beta, smooth, first_channel: int, batch_dice: bool,
-                 dice_first_channel: int | None = None):
+                 dice_first_channel: int | None = None, use_ce: bool = True, use_dice: bool = True):
     """``(B, |D|)`` per-sample, per-channel Combo terms whose mean is the loss, over the Dice term's channels D
     (``dice_first_channel:``, by default C). When D holds the background besides C, its column has no
     cross-entropy part and the organs' cross-entropy parts are scaled by ``|D| / |C|``, so that the mean is
-    still ``alpha`` times the mean over C."""
+    still ``alpha`` times the mean over C.
+
+    ``use_ce``/``use_dice`` leave out a term whose weight is concretely 0 (so that a term that is undefined
+    there, such as a Dice of 0 / 0 with ``smooth = 0``, cannot make the loss NaN).
+    """
     dice_first = first_channel if dice_first_channel is None else dice_first_channel
     batch, num_classes = sums.intersection.shape
     width = num_classes - dice_first
     terms = jnp.zeros((batch, width), sums.intersection.dtype)
-    if not _equals(alpha, 0.0):
+    if use_ce:
         ce = _wce_terms(sums, weights, beta=beta, first_channel=first_channel)
         if dice_first != first_channel:
             ce = jnp.pad(ce, ((0, 0), (first_channel - dice_first, 0))) * (width / (num_classes - first_channel))
         terms = terms + alpha * ce
-    if not _equals(alpha, 1.0):
+    if use_dice:
         dice = _dice_ratio(*_kept(sums, dice_first, batch_dice), smooth, smooth, False)
         terms = terms - (1.0 - alpha) * (dice if weights is None else dice * weights[dice_first:])
     return terms
+
+
+def _evaluate(logits, x, t, ids, mask, activation: str, reduction: str, objective, hyper, *,
+              cross_entropy: bool, complement: bool, first_channel: int = 0,
+              uniform_complement: bool = False, complement_first_channel: int | None = None) -> jax.Array:
+    """``objective(class sums, hyper)``.
+
+    A scalar softmax loss takes the two-pass evaluation of :mod:`combo_jax._fused` (the logits read in their
+    own dtype, a hand-derived gradient, higher derivatives by autodiff of the plain formula); the other cases
+    compute the sums and apply the objective. ``hyper`` holds the numeric hyperparameters (numbers, arrays or
+    traced values; None for an absent option), so that they may be traced and differentiated.
+    ``cross_entropy`` and ``complement`` say whether the objective reads the cross-entropy sums and the
+    ``log(1 - p)`` ones; it must be linear in those sums. ``first_channel``, ``uniform_complement`` and
+    ``complement_first_channel``: see :class:`combo_jax._fused.Spec`.
+    """
+    hyper = jax.tree.map(lambda v: jnp.asarray(v, x.dtype), hyper)
+    if activation == "softmax" and reduction != "none":
+        spec = _fused.Spec(objective, cross_entropy=cross_entropy, complement=complement,
+                           first_channel=first_channel, uniform_complement=uniform_complement,
+                           complement_first_channel=complement_first_channel)
+        logits = jnp.asarray(logits)
+        labels = ids.reshape(logits.shape[:-1]) if ids is not None else t.reshape(logits.shape)
+        # mask[..., 0] first: a reshape that drops the trailing 1 and splits the voxel axis at once is refused
+        # for arrays with an explicit sharding.
+        mask = None if mask is None else mask[..., 0].reshape(logits.shape[:-1])
+        return _fused.loss(spec, logits, labels, mask, hyper)
+    return objective(_sums_of(x, t, ids, mask, activation, complement=complement), hyper)
+
+
+def _kept_weights(hyper, first_channel: int):
+    weights = hyper.get("class_weights")
+    return None if weights is None else weights[first_channel:]
+
+
+def _combo_objective(sums, hyper, *, first_channel, dice_first_channel, batch_dice, use_ce, use_dice, reduction):
+    terms = _combo_terms(sums, hyper["class_weights"], alpha=hyper["alpha"], beta=hyper["beta"],
+                         smooth=hyper["smooth"], first_channel=first_channel, dice_first_channel=dice_first_channel,
+                         batch_dice=batch_dice, use_ce=use_ce, use_dice=use_dice)
+    return _reduce("combo_loss", terms, reduction)
+
+
+def _wce_objective(sums, hyper, *, first_channel, reduction):
+    terms = _wce_terms(sums, hyper["class_weights"], beta=hyper["beta"], first_channel=first_channel)
+    return _reduce("weighted_cross_entropy", terms, reduction)
+
+
+def _dice_objective(sums, hyper, *, first_channel, batch_dice, jaccard, reduction):
+    return _dice_loss_region(*_kept(sums, first_channel, batch_dice), _kept_weights(hyper, first_channel),
+                             smooth_nr=hyper["smooth_nr"], smooth_dr=hyper["smooth_dr"], jaccard=jaccard,
+                             reduction=reduction)
+
+
+def _generalized_dice_objective(sums, hyper, *, first_channel, batch_dice, w_type, reduction):
+    return _generalized_dice_region(*_kept(sums, first_channel, batch_dice), None, w_type=w_type,
+                                    smooth_nr=hyper["smooth_nr"], smooth_dr=hyper["smooth_dr"], reduction=reduction)
+
+
+def _tversky_objective(sums, hyper, *, first_channel, batch_dice, reduction):
+    return _tversky_region(*_kept(sums, first_channel, batch_dice), None, alpha=hyper["alpha"], beta=hyper["beta"],
+                           smooth_nr=hyper["smooth_nr"], smooth_dr=hyper["smooth_dr"], reduction=reduction)
+
+
+def _dice_ce_objective(sums, hyper, *, first_channel, batch_dice, jaccard, activation, integer_labels, reduction):
+    return _dice_ce_from_sums(sums, _kept_weights(hyper, first_channel), hyper["class_weights"],
+                              lambda_dice=hyper["lambda_dice"], lambda_ce=hyper["lambda_ce"], activation=activation,
+                              first_channel=first_channel, batch_dice=batch_dice, integer_labels=integer_labels,
+                              reduction=reduction, smooth_nr=hyper["smooth_nr"], smooth_dr=hyper["smooth_dr"],
+                              jaccard=jaccard)
 
 
 def class_sums(
@@ -560,7 +651,8 @@ def combo_loss_from_sums(
     weights = _class_weights(fn, class_weights, sums.intersection.shape[-1], sums.intersection.dtype)
     terms = _combo_terms(sums, weights, alpha=alpha, beta=beta, smooth=smooth,
                          first_channel=_first_channel(activation, include_background), batch_dice=batch_dice,
-                         dice_first_channel=_first_channel(activation, include_background or dice_include_background))
+                         dice_first_channel=_first_channel(activation, include_background or dice_include_background),
+                         use_ce=not _equals(alpha, 0.0), use_dice=not _equals(alpha, 1.0))
     return _reduce(fn, terms, reduction)
 
 
@@ -620,9 +712,12 @@ def weighted_cross_entropy(
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    sums = _sums_of(x, t, ids, mask, activation, complement=not _equals(beta, 1.0))
-    terms = _wce_terms(sums, weights, beta=beta, first_channel=_first_channel(activation, include_background))
-    return _reduce(fn, terms, reduction)
+    first_channel = _first_channel(activation, include_background)
+    objective = functools.partial(_wce_objective, first_channel=first_channel, reduction=reduction)
+    return _evaluate(logits, x, t, ids, mask, activation, reduction, objective,
+                     dict(beta=beta, class_weights=weights), cross_entropy=True,
+                     complement=not _equals(beta, 1.0),
+                     first_channel=first_channel, uniform_complement=weights is None)
 
 
 def combo_loss(
@@ -696,7 +791,7 @@ def combo_loss(
     added across devices, see the README).
 
     Returns:
-      A scalar, or ``(B, |C|)`` for ``reduction="none"``.
+      A scalar, or ``(B, |D|)`` for ``reduction="none"``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -708,12 +803,18 @@ def combo_loss(
     _check_combo_options(fn, alpha, beta, smooth, activation, reduction)
     x, t, mask, ids = _prepare(fn, logits, labels, activation=activation, where=where, ignore_index=ignore_index)
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)  # checked against the logits here
-    complement = not (_equals(alpha, 0.0) or _equals(beta, 1.0))  # the log(1 - p) terms weigh 0 otherwise
-    return combo_loss_from_sums(_sums_of(x, t, ids, mask, activation, complement=complement), alpha=alpha,
-                                beta=beta, smooth=smooth, activation=activation,
-                                include_background=include_background,
-                                dice_include_background=dice_include_background, batch_dice=batch_dice,
-                                class_weights=weights, reduction=reduction)
+    use_ce, use_dice = not _equals(alpha, 0.0), not _equals(alpha, 1.0)
+    first_channel = _first_channel(activation, include_background)
+    dice_first = _first_channel(activation, include_background or dice_include_background)
+    objective = functools.partial(_combo_objective, first_channel=first_channel, dice_first_channel=dice_first,
+                                  batch_dice=batch_dice, use_ce=use_ce, use_dice=use_dice, reduction=reduction)
+    # The objective reads the sums of channels min(C, D) onwards, and the cross-entropy sums of C: without class
+    # weights their log(1 - p) coefficient is one number from C's first channel.
+    return _evaluate(logits, x, t, ids, mask, activation, reduction, objective,
+                     dict(alpha=alpha, beta=beta, smooth=smooth, class_weights=weights), cross_entropy=use_ce,
+                     complement=use_ce and not _equals(beta, 1.0),  # the log(1 - p) terms weigh 0 otherwise
+                     first_channel=min(first_channel, dice_first), uniform_complement=weights is None,
+                     complement_first_channel=first_channel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -734,12 +835,10 @@ def _region_inputs(fn, logits, labels, activation, include_background, where, ig
     return x, t, mask, first_channel, ids
 
 
-def _region_sums(x, t, ids, mask, activation, first_channel, batch_dice, squared_pred=False):
-    """``(I, P, T)`` of the kept channels, ``(B, |C|)`` or pooled ``(|C|,)``; squared sums for ``squared_pred``."""
-    if squared_pred:
-        sums = _squared_sums(_probs(x, activation), t, mask)
-        return tuple(v[..., first_channel:] for v in (jax.tree.map(lambda v: v.sum(0), sums) if batch_dice else sums))
-    return _kept(_sums_of(x, t, ids, mask, activation, complement=False), first_channel, batch_dice)
+def _squared_region_sums(x, t, mask, activation, first_channel, batch_dice):
+    """MONAI's ``squared_pred`` sums ``(I, sum p^2, sum t^2)`` of the kept channels, per sample or pooled."""
+    sums = _squared_sums(_probs(x, activation), t, mask)
+    return tuple(v[..., first_channel:] for v in (jax.tree.map(lambda v: v.sum(0), sums) if batch_dice else sums))
 
 
 def dice_loss(
@@ -789,9 +888,15 @@ def dice_loss(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
     weights = _class_weights(fn, class_weights, x.shape[-1], x.dtype)
-    inter, psum, tsum = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice, squared_pred)
-    return _dice_loss_region(inter, psum, tsum, None if weights is None else weights[first_channel:],
-                             smooth_nr=smooth_nr, smooth_dr=smooth_dr, jaccard=jaccard, reduction=reduction)
+    hyper = dict(smooth_nr=smooth_nr, smooth_dr=smooth_dr, class_weights=weights)
+    if squared_pred:
+        region = _squared_region_sums(x, t, mask, activation, first_channel, batch_dice)
+        return _dice_loss_region(*region, _kept_weights(hyper, first_channel), smooth_nr=smooth_nr,
+                                 smooth_dr=smooth_dr, jaccard=jaccard, reduction=reduction)
+    objective = functools.partial(_dice_objective, first_channel=first_channel, batch_dice=batch_dice,
+                                  jaccard=jaccard, reduction=reduction)
+    return _evaluate(logits, x, t, ids, mask, activation, reduction, objective, hyper, cross_entropy=False,
+                     complement=False, first_channel=first_channel)
 
 
 GDL_WEIGHT_TYPES = ("square", "simple", "uniform")
@@ -827,9 +932,11 @@ def generalized_dice_loss(
     x, t, mask, first_channel, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    inter, psum, tsum = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice)
-    return _generalized_dice_region(inter, psum, tsum, None, w_type=w_type, smooth_nr=smooth_nr,
-                                    smooth_dr=smooth_dr, reduction=reduction)
+    objective = functools.partial(_generalized_dice_objective, first_channel=first_channel, batch_dice=batch_dice,
+                                  w_type=w_type, reduction=reduction)
+    return _evaluate(logits, x, t, ids, mask, activation, reduction, objective,
+                     dict(smooth_nr=smooth_nr, smooth_dr=smooth_dr), cross_entropy=False, complement=False,
+                     first_channel=first_channel)
 
 
 def tversky_loss(
@@ -863,9 +970,11 @@ def tversky_loss(
     x, t, mask, first_channel, ids = _region_inputs(
         fn, logits, labels, activation, include_background, where, ignore_index, smooth_nr, smooth_dr
     )
-    inter, psum, tsum = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice)
-    return _tversky_region(inter, psum, tsum, None, alpha=alpha, beta=beta, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                           reduction=reduction)
+    objective = functools.partial(_tversky_objective, first_channel=first_channel, batch_dice=batch_dice,
+                                  reduction=reduction)
+    return _evaluate(logits, x, t, ids, mask, activation, reduction, objective,
+                     dict(alpha=alpha, beta=beta, smooth_nr=smooth_nr, smooth_dr=smooth_dr), cross_entropy=False,
+                     complement=False, first_channel=first_channel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -987,15 +1096,21 @@ def dice_ce_loss(
     if label_smoothing != 0.0 or squared_pred:
         if reduction == "none":
             raise ValueError(f"{fn}: reduction='none' needs label_smoothing=0 and squared_pred=False")
-        region = _region_sums(x, t, ids, mask, activation, first_channel, batch_dice, squared_pred)
+        if squared_pred:
+            region = _squared_region_sums(x, t, mask, activation, first_channel, batch_dice)
+        else:
+            region = _kept(_sums_of(x, t, ids, mask, activation, complement=False), first_channel, batch_dice)
         d_loss = _dice_loss_region(*region, kept_weights, **dice_options, reduction=reduction)
         ce = _cross_entropy_flat(fn, x, t, mask, ids is not None, activation, weights, label_smoothing, reduction)
         return lambda_dice * d_loss + lambda_ce * ce
     # The sigmoid cross-entropy is binary per channel and needs the log(1 - p) terms; softmax needs neither.
-    sums = _sums_of(x, t, ids, mask, activation, complement=activation != "softmax")
-    return _dice_ce_from_sums(sums, kept_weights, weights, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-                              activation=activation, first_channel=first_channel, batch_dice=batch_dice,
-                              integer_labels=ids is not None, reduction=reduction, **dice_options)
+    objective = functools.partial(_dice_ce_objective, first_channel=first_channel, batch_dice=batch_dice,
+                                  jaccard=jaccard, activation=activation, integer_labels=ids is not None,
+                                  reduction=reduction)
+    hyper = dict(lambda_dice=lambda_dice, lambda_ce=lambda_ce, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                 class_weights=weights)
+    return _evaluate(logits, x, t, ids, mask, activation, reduction, objective, hyper, cross_entropy=True,
+                     complement=activation != "softmax")
 
 
 def _dice_ce_from_sums(sums, kept_weights, weights, *, lambda_dice, lambda_ce, activation, first_channel,

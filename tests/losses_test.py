@@ -976,7 +976,7 @@ def test_strict_dtype_promotion(config):
 
 
 def test_fused_combo_gradient_matches_finite_differences():
-    """The softmax Combo loss has a hand-written VJP (combo_jax._fused); check it numerically."""
+    """The softmax Combo loss has a hand-derived gradient (combo_jax._fused); check it numerically."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 3, 4))
     labels = rng.integers(0, 4, (2, 3, 3))
@@ -1238,14 +1238,20 @@ def _bad_inputs():
         yield name, "complex_labels", _X, np.zeros(y.shape, np.complex64), None, {}, TypeError, second
         yield name, "where_dtype", _X, y, np.ones(_Y.shape, np.float32), {}, TypeError, "where"
         yield name, "where_shape", _X, y, np.ones((2, 3), bool), {}, ValueError, "where"
+        yield name, "no_voxels", _X[:, :0], y[:, :0], None, {}, ValueError, f"{first}.*shape"
+        yield name, "no_samples", _X[:0], y[:0], None, {}, ValueError, f"{first}.*shape"
         for option, bad in [("alpha", 1.5), ("alpha", -0.1), ("beta", 1.5), ("beta", -0.5), ("label_smoothing", 1.1),
                             ("label_smoothing", -0.1), ("gamma", -1.0), ("smooth", -1.0), ("smooth_nr", -1.0),
-                            ("smooth_dr", -1e-5), ("lambda_dice", -1.0), ("lambda_ce", -1.0)]:
+                            ("smooth_dr", -1e-5), ("lambda_dice", -1.0), ("lambda_ce", -1.0), ("smooth", np.inf),
+                            ("smooth_nr", np.inf), ("smooth_dr", np.inf), ("gamma", np.inf), ("lambda_ce", np.inf),
+                            ("alpha", np.nan), ("smooth", np.nan)]:
             if option in opts and not (name == "tversky_loss" and bad > 1):  # Tversky takes any alpha, beta >= 0
                 yield name, f"{option}={bad}", _X, y, None, {option: bad}, ValueError, option
         if "class_weights" in opts:
             yield name, "weights_length", _X, y, None, {"class_weights": [1.0, 1.0]}, ValueError, "class_weights"
             yield name, "weights_sign", _X, y, None, {"class_weights": [1.0, -1.0, 1.0]}, ValueError, "class_weights"
+            yield name, "weights_nan", _X, y, None, {"class_weights": [1.0, np.nan, 1.0]}, ValueError, "class_weights"
+            yield name, "weights_inf", _X, y, None, {"class_weights": [1.0, np.inf, 1.0]}, ValueError, "class_weights"
         for option in ("activation", "reduction", "w_type"):
             if option in opts:
                 yield name, f"{option}=unknown", _X, y, None, {option: "unknown"}, ValueError, option
