@@ -157,7 +157,12 @@ class WorkdirLock:
         kernel releases when its holder dies) lets only one of them re-read and remove it at a time, so the
         second finds the first's fresh lock and is refused, never removing a live lock.
         """
-        guard = os.open(self.path + ".takeover", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        guard_path = self.path + ".takeover"
+        try:
+            guard = os.open(guard_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:  # a symbolic link planted there (never followed), or no permission
+            raise WorkdirError(f"workdir {self.workdir!r}: cannot open {guard_path} to take over a stale lock "
+                               f"({err.strerror}); remove it") from None
         try:
             fcntl.flock(guard, fcntl.LOCK_EX)
             owner = self._read()

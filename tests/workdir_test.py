@@ -117,6 +117,16 @@ def test_two_runs_that_both_saw_the_stale_lock_get_one_lock(tmp_path, monkeypatc
     assert sum(isinstance(r, WorkdirLock) for r in results) == 1, results
 
 
+def test_a_link_planted_at_the_takeover_guard_is_refused_not_followed(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    os.symlink(victim, tmp_path / ".lock.takeover")
+    with pytest.raises(WorkdirError, match=r"\.lock\.takeover"):
+        WorkdirLock(str(tmp_path)).acquire()
+    assert victim.read_text() == "keep"
+
+
 def test_atomic_writes_replace_a_planted_link_and_never_follow_it(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
