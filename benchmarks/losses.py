@@ -57,7 +57,8 @@ def optax_dice_ce(logits, labels):
 
 
 def plain_combo(logits, labels, alpha=0.5, beta=0.5, smooth=1.0):
-    """combo_loss's defaults (softmax, organs only, Dice per sample) written plainly; autodiff differentiates it."""
+    """combo_loss's defaults written plainly (softmax; cross-entropy over the organs, Dice over the background and
+    the organs, per sample); autodiff differentiates it."""
     x = logits.astype(jnp.float32)
     k = x.shape[-1]
     logp = jax.nn.log_softmax(x, axis=-1)
@@ -69,7 +70,7 @@ def plain_combo(logits, labels, alpha=0.5, beta=0.5, smooth=1.0):
     ce = -(beta * t * logp + (1 - beta) * (1 - t) * log1m)[..., 1:]
     axes = tuple(range(1, x.ndim - 1))
     dice = (2 * jnp.sum(p * t, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(t, axes) + smooth)
-    return alpha * jnp.mean(ce) - (1 - alpha) * jnp.mean(dice[:, 1:])
+    return alpha * jnp.mean(ce) - (1 - alpha) * jnp.mean(dice)
 
 
 def plain_dice_ce(logits, labels):
