@@ -19,17 +19,16 @@ import importlib
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 import jax
 import numpy as np
 
 from combo_jax import losses
+from timing import interleaved  # benchmarks/timing.py, beside this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,21 +50,6 @@ def load_revision(rev: str, root: str):
             f.write("" if file == "__init__.py" else text.replace("combo_jax", name))
     sys.path.insert(0, root)
     return importlib.import_module(f"{name}.losses")
-
-
-def timed_pair(fns, args, iters: int, warmup: int):
-    """Alternate calls of the functions; per function (median ms, best ms, median process-CPU ms)."""
-    for fn in fns:
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    wall, cpu = [[] for _ in fns], [[] for _ in fns]
-    for _ in range(iters):
-        for i, fn in enumerate(fns):
-            c, t = time.process_time(), time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            wall[i].append((time.perf_counter() - t) * 1e3)
-            cpu[i].append((time.process_time() - c) * 1e3)
-    return [(statistics.median(w), min(w), statistics.median(c)) for w, c in zip(wall, cpu)]
 
 
 def main() -> None:
@@ -90,7 +74,11 @@ def main() -> None:
                 ours = jax.jit(jax.value_and_grad(getattr(losses, name)))
                 for rev, module in revisions.items():
                     theirs = jax.jit(jax.value_and_grad(getattr(module, name)))
-                    (m, b, c), (m0, b0, c0) = timed_pair([ours, theirs], (x, y), args.iters, args.warmup)
+                    t = interleaved({"ours": lambda: jax.block_until_ready(ours(x, y)),
+                                     "theirs": lambda: jax.block_until_ready(theirs(x, y))},
+                                    args.iters, args.warmup)
+                    (m, b, c), (m0, b0, c0) = ((t[k]["median_ms"], t[k]["best_ms"], t[k]["cpu_ms"])
+                                               for k in ("ours", "theirs"))
                     rows.append({"shape": shape_text, "loss": name, "revision": rev, "ms": round(m, 3),
                                  "best_ms": round(b, 3), "cpu_ms": round(c, 3), "revision_ms": round(m0, 3),
                                  "revision_best_ms": round(b0, 3), "revision_cpu_ms": round(c0, 3)})

@@ -6,6 +6,8 @@ softmax=True, to_onehot_y=True: DiceCELoss / dice_ce_loss, DiceLoss / dice_loss,
 generalized_dice_loss, TverskyLoss / tversky_loss. A JAX peer too: optax's dice_loss plus its softmax
 cross-entropy, with the time of its compile + first call next to ours (many-class shapes: the compile of a
 loss written per class grows with K). Runs on the GPU when JAX and torch both see one, else on the CPU.
+The torch peers of a shape are timed round-robin, one call of each per round, and then the JAX implementations
+the same way, so that the implementations compared see the same load.
 Prints a ratio table (time / the peer's time) and writes JSON.
 
 Before timing, it checks the compiled fast path (on a GPU the Pallas kernels, on a CPU the XLA:CPU routine)
@@ -38,7 +40,7 @@ from combo_jax import losses
 from combo_jax.reference import torch_losses
 import optax
 
-from timing import median_ms, first_call_s
+from timing import first_call_s, interleaved
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -84,6 +86,11 @@ def plain_dice_ce(logits, labels):
 
 
 PLAIN = {"combo_loss": plain_combo, "dice_ce_loss": plain_dice_ce}
+
+
+def jax_call(step, *args):
+    """A zero-argument call of a jitted function that returns when its result is ready."""
+    return lambda: jax.block_until_ready(step(*args))
 
 
 def check_fast_path(x, y) -> list[dict]:
@@ -160,7 +167,8 @@ def main() -> None:
         if not (args.no_compile or args.no_reference):
             compiled = torch.compile(torch_losses.combo_loss)
             peers["torch reference combo (compile)"] = torch_step(lambda: compiled(xt, yt))
-        timings = {name: median_ms(fn, tsync, args.iters, args.warmup) for name, fn in peers.items()}
+        torch_calls = {name: (lambda fn=fn: tsync(fn())) for name, fn in peers.items()}
+        calls = {}
 
         first_calls = {}
         for dtype in args.dtypes.split(","):
@@ -171,15 +179,20 @@ def main() -> None:
                              (f"optax dice_loss + softmax CE ({dtype})", optax_dice_ce)):
                 step = jax.jit(jax.value_and_grad(fn))
                 first_calls[impl] = first_call_s(lambda: step(xj, yj), jax.block_until_ready)
-                timings[impl] = median_ms(lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup)
+                calls[impl] = jax_call(step, xj, yj)
         xj, yj = jnp.asarray(x_np), jnp.asarray(y_np)
         peer_of = {impl: f"optax dice_loss + softmax CE ({impl.split('(')[-1]}" for impl in first_calls
                    if impl.startswith("combo_jax")}
         for monai_name, name in pairs.items():
             step = jax.jit(jax.value_and_grad(getattr(losses, name)))
             impl = f"combo_jax {name} (float32)"
-            timings[impl] = median_ms(lambda: step(xj, yj), jax.block_until_ready, args.iters, args.warmup)
+            calls[impl] = jax_call(step, xj, yj)
             peer_of[impl] = peer_of[f"MONAI {monai_name}"] = f"MONAI {monai_name}"
+        # The implementations of this shape timed round-robin (one call each per round), so that all see the
+        # same load: the torch peers, then the JAX ones (torch's idle OpenMP threads spin for a while after each
+        # call and would slow whichever JAX call came next).
+        timings = {name: t["median_ms"] for group in (torch_calls, calls)
+                   for name, t in interleaved(group, args.iters, args.warmup).items()}
         for name, ms in timings.items():
             peer = peer_of.get(name, "MONAI DiceCELoss")
             rows.append({"shape": shape_text, "impl": name, "ms": round(ms, 3), "peer": peer,

@@ -21,3 +21,26 @@ def first_call_s(fn, sync) -> float:
     start = time.perf_counter()
     sync(fn())
     return time.perf_counter() - start
+
+
+def interleaved(fns: dict, iters: int, warmup: int) -> dict:
+    """Time several synchronized calls round-robin: one call of each per round, `iters` rounds after `warmup`.
+
+    ``fns`` maps a name to a zero-argument function that returns only when its work is done. On a shared
+    machine the load drifts over seconds; called in turn, the implementations see the same load, so their
+    ratios hold where separately timed medians drift by tens of percent. Returns, per name, the median and
+    best wall milliseconds and the median process CPU milliseconds (the sum over all threads).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            c, t = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append((time.perf_counter() - t) * 1e3)
+            cpu[name].append((time.process_time() - c) * 1e3)
+    return {name: {"median_ms": statistics.median(wall[name]), "best_ms": min(wall[name]),
+                   "cpu_ms": statistics.median(cpu[name])} for name in fns}
