@@ -244,6 +244,11 @@ def _per_voxel(table, ids):
     return jnp.take_along_axis(table, ids, axis=1)
 
 
+def _contract(a, v, spec):
+    """``jnp.einsum(spec, a, v)`` at full float32 precision."""
+    return jnp.einsum(spec, a, v, precision=jax.lax.Precision.HIGHEST)
+
+
 def _many_classes(spec, x, ids, mask, hyper, *, grad: bool):
     """The vectorized routine for integer labels: what depends on the label is gathered and scattered.
 
@@ -285,10 +290,12 @@ def _many_classes(spec, x, ids, mask, hyper, *, grad: bool):
     lp_y = x_y - lse
     p_y = jnp.exp(lp_y)
     lp = x - lse[..., None]
-    p = exps * _computed_once(1.0 / total, ones)[..., None]  # the exponentials already taken, normalized
-    pw = p if mask is None else p * mask[..., None]
+    inv_total = _computed_once(1.0 / total, ones)
+    p = exps * inv_total[..., None]  # the exponentials already taken, normalized
     intersection = scatter(p_y * weight)
-    predicted = jnp.sum(pw, axis=1)
+    # Sums of p over the voxels (per class) and over the classes (per voxel, below) as contractions of the
+    # exponentials with a per-voxel or per-class vector: dot kernels, with no (B, N, K) product stored.
+    predicted = _contract(exps, inv_total if mask is None else inv_total * mask, "bnk,bn->bk")
     hi_exists = (m - lse) > LOG_HALF  # the argmax a is above 1/2 (then it is the only channel at the max)
     y_is_a = in_range & (x_y == m)
     lse_rest = None
@@ -332,7 +339,7 @@ def _many_classes(spec, x, ids, mask, hyper, *, grad: bool):
     # Pass two: A_k = cP_k p_k + [k = y] (cI_y p_y - cCE+_y) + [k != y, below 1/2] cCE-_k o_k per voxel; the
     # gradient is A - p sum_k A_k + Q (...) as in _fused_xla.
     label_term = jnp.where(in_range, _per_voxel(c_i, safe_ids) * p_y - _per_voxel(c_pos, safe_ids), 0.0)
-    s_total = jnp.sum(c_p[:, None, :] * p, axis=-1) + label_term
+    s_total = inv_total * _contract(exps, c_p, "bnk,bk->bn") + label_term
     big_q = None
     if spec.complement:
         hi = lp > LOG_HALF
