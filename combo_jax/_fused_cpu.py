@@ -364,5 +364,9 @@ def _many_classes(spec, x, ids, mask, hyper, *, grad: bool):
     if mask is not None:
         g = g * mask[..., None]
     if spec.complement:
-        g = g + big_q[..., None] * jnp.where(hi, 1.0, -jnp.exp(x - lse_rest[..., None]))
+        # q_k = exp(x_k - lse_rest) <= 1 where big_q is not zero (an argmax above 1/2; the other channels are in
+        # the sum of lse_rest). The bound also keeps it finite where no channel is below the maximum (tied
+        # maxima, e.g. all logits equal): there ``rest`` is 0, lse_rest is -inf and big_q is 0.
+        q = jnp.exp(jnp.minimum(x - lse_rest[..., None], 0.0))
+        g = g + big_q[..., None] * jnp.where(hi, 1.0, -q)
     return region_value + ce_total, _sum_root(g, x)
