@@ -6,8 +6,8 @@ softmax=True, to_onehot_y=True: DiceCELoss / dice_ce_loss, DiceLoss / dice_loss,
 generalized_dice_loss, TverskyLoss / tversky_loss. A JAX peer too: optax's dice_loss plus its softmax
 cross-entropy, with the time of its compile + first call next to ours (many-class shapes: the compile of a
 loss written per class grows with K). Runs on the GPU when JAX and torch both see one, else on the CPU.
-The torch peers of a shape are timed round-robin, one call of each per round, and then the JAX implementations
-the same way, so that the implementations compared see the same load.
+The torch peers of a shape are timed in turn (rounds of --block back-to-back calls of each, after one untimed
+call), and then the JAX implementations the same way, so that the implementations compared see the same load.
 Prints a ratio table (time / the peer's time) and writes JSON.
 
 Before timing, it checks the compiled fast path (on a GPU the Pallas kernels, on a CPU the XLA:CPU routine)
@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32", help="logit dtypes for the JAX side (float32, bfloat16)")
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--block", type=int, default=3,
+                        help="timed calls of one implementation per turn, after one untimed call (1: every call "
+                             "follows another implementation's, with caches cold)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip our PyTorch reference (eager and compiled); slow at many classes on a CPU")
@@ -188,11 +191,11 @@ def main() -> None:
             impl = f"combo_jax {name} (float32)"
             calls[impl] = jax_call(step, xj, yj)
             peer_of[impl] = peer_of[f"MONAI {monai_name}"] = f"MONAI {monai_name}"
-        # The implementations of this shape timed round-robin (one call each per round), so that all see the
+        # The implementations of this shape timed in turn (rounds of --block calls of each), so that all see the
         # same load: the torch peers, then the JAX ones (torch's idle OpenMP threads spin for a while after each
         # call and would slow whichever JAX call came next).
         timings = {name: t["median_ms"] for group in (torch_calls, calls)
-                   for name, t in interleaved(group, args.iters, args.warmup).items()}
+                   for name, t in interleaved(group, args.iters, args.warmup, args.block).items()}
         for name, ms in timings.items():
             peer = peer_of.get(name, "MONAI DiceCELoss")
             rows.append({"shape": shape_text, "impl": name, "ms": round(ms, 3), "peer": peer,
