@@ -309,7 +309,11 @@ def _many_classes(spec, x, ids, mask, hyper, *, grad: bool):
             return m2 + jnp.log(jnp.sum(jnp.exp(others - m2[..., None]), axis=-1))
 
         underflow = jnp.any(hi_exists & (rest < jnp.finfo(dtype).tiny * 2**20))
-        lse_rest = _computed_once(jax.lax.cond(underflow, exact, lambda _: cheap, None), ones)
+        # The log-sum-exp of the channels other than the one above 1/2: where there is none, of all channels
+        # (lse), as in _sums.softmax_parts. Both forms above leave out every channel at the maximum, and give
+        # -inf or NaN where no channel is below it (all logits equal, say).
+        lse_rest = jnp.where(hi_exists, jax.lax.cond(underflow, exact, lambda _: cheap, None), lse)
+        lse_rest = _computed_once(lse_rest, ones)
         a_kept = hi_exists if c0 == 0 else hi_exists & (jnp.max(x[..., :c0], axis=-1) < m)  # a >= c0
         above = a_kept & ~y_is_a  # the channel above 1/2 is read by the loss and is not the target
         y_counts = in_range & (safe_ids >= c0) & ~(hi_exists & y_is_a)  # the target is read and below 1/2
@@ -364,9 +368,5 @@ def _many_classes(spec, x, ids, mask, hyper, *, grad: bool):
     if mask is not None:
         g = g * mask[..., None]
     if spec.complement:
-        # q_k = exp(x_k - lse_rest) <= 1 where big_q is not zero (an argmax above 1/2; the other channels are in
-        # the sum of lse_rest). The bound also keeps it finite where no channel is below the maximum (tied
-        # maxima, e.g. all logits equal): there ``rest`` is 0, lse_rest is -inf and big_q is 0.
-        q = jnp.exp(jnp.minimum(x - lse_rest[..., None], 0.0))
-        g = g + big_q[..., None] * jnp.where(hi, 1.0, -q)
+        g = g + big_q[..., None] * jnp.where(hi, 1.0, -jnp.exp(x - lse_rest[..., None]))
     return region_value + ce_total, _sum_root(g, x)

@@ -266,17 +266,22 @@ def test_many_classes_match_the_plain_formula():
 
 
 @pytest.mark.parametrize("num_classes", [6, 105])
-@pytest.mark.parametrize("logits", ["zeros", "two tied maxima, the rest far below"])
+@pytest.mark.parametrize("logits", ["zeros", "two tied maxima, the rest far below",
+                                    "zeros, and one voxel with a channel far above the rest"])
 def test_tied_maximal_logits_give_the_plain_gradient(num_classes, logits):
     """No channel above 1/2 and no other channel below the maximum: a zero-initialized last layer, or the
     other channels' exponentials underflowing next to a tie. The log(1 - p) of the argmax is then unused, and
-    must not turn the gradient into NaN."""
+    must not turn the gradient into NaN, also where another voxel's gap is beyond exp's range (the routines'
+    exact form for it)."""
     with jax.enable_x64(True):
         _, y = _inputs(shape=(2, 6, 5), k=num_classes, seed=11)
         x = np.zeros(y.shape + (num_classes,))
-        if logits != "zeros":
+        if logits == "two tied maxima, the rest far below":
             x[...] = -800.0
             x[..., 1] = x[..., 2] = 0.0
+        elif logits != "zeros":
+            x[0, 0, 0, :] = -800.0
+            x[0, 0, 0, 3] = 0.0
         value, grad = jax.value_and_grad(functools.partial(losses.combo_loss, beta=0.4))(x, y)
         want, want_grad = jax.value_and_grad(lambda v: plain_combo(v, y, beta=0.4))(x)
         assert np.isfinite(np.asarray(grad)).all()
