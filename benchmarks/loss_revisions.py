@@ -82,7 +82,6 @@ def main() -> None:
                     rows.append({"shape": shape_text, "loss": name, "revision": rev, "ms": round(m, 3),
                                  "best_ms": round(b, 3), "cpu_ms": round(c, 3), "revision_ms": round(m0, 3),
                                  "revision_best_ms": round(b0, 3), "revision_cpu_ms": round(c0, 3)})
-                    r = rows[-1]
                     print(f"{shape_text:>16} {name:<14} vs {rev:<9} median {m:7.2f} / {m0:7.2f} ms ({m / m0:4.2f}x)  "
                           f"best {b:7.2f} / {b0:7.2f} ({b / b0:4.2f}x)  cpu {c:7.2f} / {c0:7.2f} ({c / c0:4.2f}x)",
                           flush=True)

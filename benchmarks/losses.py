@@ -97,8 +97,8 @@ def check_fast_path(x, y) -> list[dict]:
     """The compiled fast path against autodiff of the plain formula: value and gradient, relative differences."""
     rows = []
     for name, plain in PLAIN.items():
-        fast = jax.jit(jax.value_and_grad(getattr(losses, name)))
-        hlo = fast.lower(x, y).compile().as_text()
+        fast = jax.jit(jax.value_and_grad(getattr(losses, name))).lower(x, y).compile()
+        hlo = fast.as_text()
         value, grad = fast(x, y)
         want, want_grad = jax.jit(jax.value_and_grad(plain))(x, y)
         grad, want_grad = grad.astype(jnp.float32), want_grad.astype(jnp.float32)
