@@ -265,8 +265,41 @@ class ConvBlock(nnx.Module):
         self.norm2 = Norm(out_features, group_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        h = self.norm1(checkpoint_name(self.conv1(x), "conv"))
-        return self.norm2(checkpoint_name(self.conv2(h), "conv"))
+        h = self.norm1(checkpoint_name(conv3(self.conv1, x), "conv"))
+        return self.norm2(checkpoint_name(conv3(self.conv2, h), "conv"))
+
+
+def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """``conv(x)`` for a bias-free ``nnx.Conv`` of kernel 3 and "SAME" padding, the 3D case arranged per backend.
+
+    XLA:CPU runs 5-D convolutions several times slower than 4-D ones (measured 2-6x forward and backward at
+    the U-Net's widths, BENCHMARKS.md). On the CPU a 3D convolution is computed as a 2D one: the input and its
+    two neighbours along the first spatial axis are stacked on the channel axis (``3 C`` channels) and the
+    three depth taps of the kernel become input channels of a 3 x 3 kernel, with that axis folded into the
+    batch. Same sums, in another order. On GPUs and TPUs the native 3D convolution is kept.
+    """
+    if x.ndim != 5:
+        return conv(x)
+    dtype = conv.dtype or jnp.result_type(x.dtype, conv.kernel.dtype)
+    x, kernel = x.astype(dtype), conv.kernel[...].astype(dtype)
+    return jax.lax.platform_dependent(x, kernel, cpu=_conv3d_as_2d, default=_conv3d)
+
+
+def _conv3d(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                        precision=None)
+
+
+def _conv3d_as_2d(x, kernel):
+    batch, depth, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    # stacked[b, z, y, x, a * C + c] = x[b, z + a - 1, y, x, c]: the depth taps a = 0, 1, 2 as channels.
+    stacked = jnp.concatenate([padded[:, a:a + depth] for a in range(3)], axis=-1)
+    # kernel[a, i, j, c, o] -> [i, j, a * C + c, o], matching the stacked channels.
+    planar = jnp.moveaxis(kernel, 0, 2).reshape(3, 3, 3 * channels, kernel.shape[-1])
+    out = jax.lax.conv_general_dilated(stacked.reshape(batch * depth, height, width, 3 * channels), planar, (1, 1),
+                                       "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out.reshape(batch, depth, height, width, kernel.shape[-1])
 
 
 # Rematerialization policies for the blocks' activations (``UNet(remat=...)``): what the forward pass keeps for
