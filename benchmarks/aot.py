@@ -366,7 +366,7 @@ def _train_step_program(dtype: str):
     sys.path.insert(0, HERE)
     import train_step
 
-    step, params, opt_state = train_step.jax_step_fn(jnp.dtype(dtype), 6)
+    step, params, opt_state = train_step.jax_step_fn(jnp.dtype(dtype), 6, options={})  # (no CPU options)
     x = jax.ShapeDtypeStruct((2, 128, 128, 128, 1), jnp.float32)
     y = jax.ShapeDtypeStruct((2, 128, 128, 128), jnp.int32)
     return step, (params, opt_state, x, y), dtype

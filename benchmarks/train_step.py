@@ -30,13 +30,15 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, installed or not
 from combo_jax import losses  # noqa: E402
-from combo_jax.models.unet import REMAT_POLICIES, UNet  # noqa: E402
+from combo_jax.models.unet import REMAT_POLICIES, UNet, compiler_options  # noqa: E402
 from timing import median_ms  # noqa: E402
 
 FEATURES = (32, 32, 64, 128, 256)
 
 
-def jax_step_fn(dtype, classes, *, features=FEATURES, remat=False):
+def jax_step_fn(dtype, classes, *, features=FEATURES, remat=False, options=None):
+    """The jitted step, its parameters and optimizer state; ``options``: XLA compiler options (by default those
+    the trainer uses on this backend, ``compiler_options()``)."""
     model = UNet(spatial_dims=3, in_channels=1, num_classes=classes, features=features, dtype=dtype, remat=remat,
                  rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -51,7 +53,8 @@ def jax_step_fn(dtype, classes, *, features=FEATURES, remat=False):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1)), params, opt_state
+    options = compiler_options() if options is None else options
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=options), params, opt_state
 
 
 def main():

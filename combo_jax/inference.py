@@ -361,7 +361,9 @@ class DevicePredictor:
             labels = jnp.argmax(acc, axis=-1).astype(jnp.int32)
             return (labels, acc) if logits else labels
 
-        self._compiled[key] = jax.jit(run)
+        from combo_jax.models.unet import compiler_options
+
+        self._compiled[key] = jax.jit(run, compiler_options=compiler_options())
         return self._compiled[key]
 
     def __call__(self, params, image, *, slice_axis: int | None = None, logits: bool = False):

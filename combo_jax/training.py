@@ -25,6 +25,7 @@ from combo_jax.checkpoints import Checkpoints
 from combo_jax.config import ConfigError, check_config, check_resume
 from combo_jax.data.datasets import make_data, make_loader
 from combo_jax.evaluation import evaluate, make_predictor
+from combo_jax.models.unet import compiler_options
 from combo_jax.sharding import data_sharding, global_batch, make_mesh, replicated
 from combo_jax.train_state import init_state, make_eval_steps, make_loss_fn, make_train_step
 from combo_jax.workdir import WorkdirError, WorkdirLock, check_writable, write_text_atomic
@@ -113,12 +114,13 @@ def _train(config, workdir: str, data, devices, started: float, is_main: bool, s
     train_iter = iter(make_loader(data.train_source, batch_size=t.batch_size, shuffle=True, seed=config.seed,
                                   num_epochs=None, worker_count=config.data.worker_count,
                                   operations=data.train_operations))
+    options = compiler_options()
     train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config)),
                          in_shardings=(params_sharding, batch_sharding), out_shardings=(params_sharding, params_sharding),
-                         donate_argnums=(0,))
+                         donate_argnums=(0,), compiler_options=options)
     steps = make_eval_steps(graphdef)
     eval_steps = {"eval": jax.jit(steps["eval"], in_shardings=(params_sharding, batch_sharding),
-                                  out_shardings=batch_sharding)}
+                                  out_shardings=batch_sharding, compiler_options=options)}
     if data.val_volumes is not None:  # whole volumes: sliding windows over every device, summed on the device
         eval_steps["predict"] = make_predictor(config, steps["apply"], mesh)
 

@@ -306,3 +306,42 @@ def test_3d_convolution_is_native_on_accelerators_and_planar_on_the_cpu():
         ranks[platform] = convolutions[0].count(",", convolutions[0].index("dim_numbers"),
                                                 convolutions[0].index("]x[")) + 1
     assert ranks == {"cuda": 5, "tpu": 5, "cpu": 4}
+
+
+def test_cpu_compiler_options_change_the_convolutions_only():
+    """On the CPU the U-Net's programs are compiled without the library convolutions: the model's logits are
+    unchanged, its program no longer holds a library convolution kernel, and the losses compile to the same
+    program as with XLA's defaults."""
+    from combo_jax import losses
+
+    options = unet.compiler_options()
+    if jax.default_backend() != "cpu":
+        assert options == {}
+        return
+    assert options, "this XLA refused the option: the CPU runs the slower library convolutions"
+    model = UNet(spatial_dims=3, in_channels=1, num_classes=3, features=(8, 16), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 32, 1))
+
+    def forward(p, v):
+        return nnx.merge(graphdef, p)(v)
+
+    def library_convolutions(compiled_text):
+        bodies = compiled_text.split("\n\n")
+        library = [b for b in bodies if "ROOT" in b and "convolution(" in b.split("ROOT", 1)[1].split("\n")[0]]
+        names = [b.split(" ", 1)[0].lstrip("%") for b in library]
+        return [line for line in compiled_text.splitlines()
+                if "__ynn_fusion" in line and any(f"calls=%{n}," in line for n in names)]
+
+    default = jax.jit(forward).lower(params, x).compile()
+    tuned = jax.jit(forward, compiler_options=options).lower(params, x).compile()
+    assert library_convolutions(default.as_text()), "XLA's default no longer uses library convolutions"
+    assert not library_convolutions(tuned.as_text())
+    np.testing.assert_allclose(tuned(params, x), default(params, x), rtol=1e-5, atol=1e-5)
+
+    for shape in [(2, 8, 8, 8, 6), (2, 16, 16, 105)]:
+        logits, labels = jnp.zeros(shape), jnp.zeros(shape[:-1], jnp.int32)
+        step = jax.value_and_grad(losses.combo_loss)
+        plain = jax.jit(step).lower(logits, labels).compile().as_text()
+        with_options = jax.jit(step, compiler_options=options).lower(logits, labels).compile().as_text()
+        assert plain.split("\n", 1)[1] == with_options.split("\n", 1)[1], shape
