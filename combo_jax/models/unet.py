@@ -277,12 +277,41 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     two neighbours along the first spatial axis are stacked on the channel axis (``3 C`` channels) and the
     three depth taps of the kernel become input channels of a 3 x 3 kernel, with that axis folded into the
     batch. Same sums, in another order. On GPUs and TPUs the native 3D convolution is kept.
+
+    The route is chosen when the program is lowered (``lax.platform_dependent``), separately in the forward
+    and the backward pass (:func:`_conv3d_same`), so that a program lowered for a GPU or TPU holds the native
+    convolution and its transposes and nothing of the CPU route. Reverse mode only: ``jax.jvp`` through a 3D
+    U-Net is refused (it is a ``jax.custom_vjp``).
     """
     if x.ndim != 5:
         return conv(x)
     dtype = conv.dtype or jnp.result_type(x.dtype, conv.kernel.dtype)
-    x, kernel = x.astype(dtype), conv.kernel[...].astype(dtype)
+    return _conv3d_same(x.astype(dtype), conv.kernel[...].astype(dtype))
+
+
+@jax.custom_vjp
+def _conv3d_same(x, kernel):
     return jax.lax.platform_dependent(x, kernel, cpu=_conv3d_as_2d, default=_conv3d)
+
+
+# Differentiating through ``platform_dependent`` itself would keep, in every lowering, the residuals of both
+# routes (a conditional with a constant index and zero-filled stand-ins for the other route's residuals). Both
+# routes are linear in (x, kernel), so these two are the only residuals, and the backward pass picks its route
+# on its own.
+def _conv3d_same_fwd(x, kernel):
+    return _conv3d_same(x, kernel), (x, kernel)
+
+
+def _conv3d_same_bwd(residuals, cotangent):
+    def transposed(route):
+        return lambda x, kernel, g: jax.vjp(route, x, kernel)[1](g)
+
+    x, kernel = residuals
+    return jax.lax.platform_dependent(x, kernel, cotangent, cpu=transposed(_conv3d_as_2d),
+                                      default=transposed(_conv3d))
+
+
+_conv3d_same.defvjp(_conv3d_same_fwd, _conv3d_same_bwd)
 
 
 # XLA:CPU hands convolutions to its YNNPACK library kernels by default ("individual convolution" library
