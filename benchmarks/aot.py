@@ -109,13 +109,17 @@ def compile_for(fn, args, device):
     return jitted.lower(*jax.tree.map(spec, args)).compile()
 
 
-def program_flops(fn, args) -> float:
-    """XLA's FLOP count of ``fn`` as written (lowered for this CPU, before target-specific optimization)."""
+def program_flops(fn, args, platform: str | None = None) -> float:
+    """XLA's FLOP count of ``fn`` as written, lowered for ``platform`` (default this CPU) before target-specific
+    optimization: code that chooses its route per platform (``lax.platform_dependent``) is counted on the
+    target's route."""
     import jax
 
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    return float(_cost(jitted.lower(*specs)).get("flops", 0.0))
+    traced = jitted.trace(*specs)
+    lowered = traced.lower() if platform is None else traced.lower(lowering_platforms=(platform,))
+    return float(_cost(lowered).get("flops", 0.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,7 +428,8 @@ def main() -> None:
         fn, fn_args, compute_dtype = table[name]()
         start = time.perf_counter()
         compiled = compile_for(fn, fn_args, device)
-        report = analyze(compiled, args.target, compute_dtype, args.top, program_flops(fn, fn_args))
+        flops = program_flops(fn, fn_args, TARGETS[args.target].platform)
+        report = analyze(compiled, args.target, compute_dtype, args.top, flops)
         report["compile_s"] = time.perf_counter() - start
         results[name] = report
         xla = f"  bytes accessed {_gb(report['bytes_accessed'])} GB" if report.get("bytes_accessed") else ""
