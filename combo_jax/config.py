@@ -40,6 +40,9 @@ LOSSES = {
 }
 # Arguments of a loss that are not options a config sets.
 _NOT_CONFIGURABLE = ("logits", "labels", "where", "ignore_index", "reduction", "activation")
+# config.loss.frequency_weighting (losses that take class_weights): class weights the trainer derives from the
+# training data's class frequencies f_k, as losses.frequency_weights(f, power): "none", w ~ f^-1/2, w ~ 1/f.
+FREQUENCY_WEIGHTING = {"none": None, "inverse_sqrt": 0.5, "inverse": 1.0}
 
 # Settings a resumed run may change: how long to train, how often to log, evaluate and save, how to evaluate,
 # and where the data and its cache live. Everything else decides which batches and which updates the run made.
@@ -307,6 +310,8 @@ def check_loss(config) -> None:
     if loss.get("name") not in LOSSES:
         raise ConfigError(f"config.loss.name: unknown loss {loss.get('name')!r}; expected one of {', '.join(LOSSES)}")
     accepted = loss_options(loss.name)
+    if "class_weights" in accepted:
+        accepted["frequency_weighting"] = "none"
     for key in loss.keys():
         if key != "name" and key not in accepted:
             raise ConfigError(
@@ -316,19 +321,36 @@ def check_loss(config) -> None:
     dims = config.data.spatial_dims if config.data.spatial_dims in (2, 3) else 2
     logits = jax.ShapeDtypeStruct((1, *(2,) * dims, k), jnp.float32)
     labels = jax.ShapeDtypeStruct((1, *(2,) * dims), jnp.int32)
-    fn = functools.partial(LOSSES[loss.name], **loss_kwargs(config))
+    weighting = loss.get("frequency_weighting", "none")
+    if weighting not in FREQUENCY_WEIGHTING:
+        raise ConfigError(f"config.loss.frequency_weighting must be one of {', '.join(map(repr, FREQUENCY_WEIGHTING))}, "
+                          f"got {weighting!r}")
+    if FREQUENCY_WEIGHTING[weighting] is not None and loss.get("class_weights") is not None:
+        raise ConfigError(f"config.loss.class_weights and config.loss.frequency_weighting={weighting!r} both set the "
+                          "class weights; set frequency_weighting='none' to give your own")
+    fn = functools.partial(LOSSES[loss.name], **loss_kwargs(config, class_frequencies=[1.0] * k))
     try:
         jax.eval_shape(fn, logits, labels)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.loss ({loss.name}): {str(err).splitlines()[0]}") from err
 
 
-def loss_kwargs(config) -> dict:
-    """The keyword arguments config.loss gives its loss function (tuples for sequences)."""
-    options = {k: v for k, v in config.loss.items() if k != "name"}
+def loss_kwargs(config, class_frequencies=None) -> dict:
+    """The keyword arguments config.loss gives its loss function (tuples for sequences).
+
+    With ``config.loss.frequency_weighting`` other than "none", ``class_weights`` comes from
+    ``class_frequencies``, the training data's fraction of voxels per class (required then).
+    """
+    options = {k: v for k, v in config.loss.items() if k not in ("name", "frequency_weighting")}
     for key, value in options.items():
         if isinstance(value, list):
             options[key] = tuple(value)
+    power = FREQUENCY_WEIGHTING.get(config.loss.get("frequency_weighting", "none"))
+    if power is not None:
+        if class_frequencies is None:
+            raise ConfigError(f"config.loss.frequency_weighting={config.loss.frequency_weighting!r} needs the training "
+                              "data's class frequencies")
+        options["class_weights"] = tuple(float(w) for w in losses.frequency_weights(class_frequencies, power))
     return options
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "dice_ce_loss",
     "dice_loss",
     "focal_loss",
+    "frequency_weights",
     "generalized_dice_loss",
     "pool_batch",
     "soft_dice",
@@ -221,6 +222,27 @@ def _class_weights(fn: str, class_weights: ArrayLike | None, num_classes: int, d
             f"shape {w.shape}"
         )
     return w
+
+
+def frequency_weights(frequencies: ArrayLike, power: float = 0.5) -> np.ndarray:
+    """Per-class weights ``w_k`` proportional to ``f_k ** -power`` with mean 1, for ``class_weights``.
+
+    ``frequencies``: the fraction (or count) of the training voxels in each class, shape ``(K,)``, background
+    included. ``power=0.5`` (inverse square root) is what the trainer's ``config.loss.frequency_weighting =
+    "inverse_sqrt"`` uses, the Combo loss's default there (docs/collapse.md); ``power=1`` is inverse frequency.
+    With mean 1 the loss keeps its scale: a rare organ's terms weigh more, the background's less. Computed on
+    the host (NumPy), once, from the data.
+    """
+    f = np.asarray(frequencies, dtype=np.float64)
+    if f.ndim != 1 or f.shape[0] < 1:
+        raise ValueError(f"frequency_weights: frequencies must have shape (K,), one entry per class, got {f.shape}")
+    if not np.all(np.isfinite(f)) or np.any(f <= 0):
+        raise ValueError(f"frequency_weights: every class needs a frequency > 0 (a class absent from the data cannot "
+                         f"be weighted by it), got {f.tolist()}")
+    if not np.isfinite(power) or power < 0:
+        raise ValueError(f"frequency_weights: power must be finite and >= 0, got {power}")
+    w = (f / f.sum()) ** -float(power)
+    return (w / w.mean()).astype(np.float32)
 
 
 def _reduce(fn: str, values: jax.Array, reduction: str) -> jax.Array:

@@ -74,9 +74,13 @@ def init_state(config):
     return graphdef, state, tx, schedule
 
 
-def make_loss_fn(config):
-    """``loss_fn(outputs, labels)`` of config.loss; deep supervision weighs full resolution 1, then halves."""
-    loss = functools.partial(LOSSES[config.loss.name], **loss_kwargs(config))
+def make_loss_fn(config, class_frequencies=None):
+    """``loss_fn(outputs, labels)`` of config.loss; deep supervision weighs full resolution 1, then halves.
+
+    ``class_frequencies``: the training data's fraction of voxels per class (``Data.train_shares``), which
+    ``config.loss.frequency_weighting`` turns into class weights.
+    """
+    loss = functools.partial(LOSSES[config.loss.name], **loss_kwargs(config, class_frequencies))
 
     def loss_fn(outputs, labels):
         if isinstance(outputs, list):

@@ -115,7 +115,7 @@ def _train(config, workdir: str, data, devices, started: float, is_main: bool, s
                                   num_epochs=None, worker_count=config.data.worker_count,
                                   operations=data.train_operations))
     options = compiler_options()
-    train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config)),
+    train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config, data.train_shares)),
                          in_shardings=(params_sharding, batch_sharding), out_shardings=(params_sharding, params_sharding),
                          donate_argnums=(0,), compiler_options=options)
     steps = make_eval_steps(graphdef)

@@ -106,6 +106,7 @@ class Data:
     train_operations: tuple  # grain transforms applied to each training record before batching
     spacing: tuple[float, ...]  # voxel size in mm of the validation data
     shares: np.ndarray  # fraction of validation voxels in each class, shape (K,)
+    train_shares: np.ndarray  # fraction of training voxels in each class, shape (K,) (frequency weighting)
     description: str  # one line for the report
     slice_axis: int = 0  # the axis a 3D volume is shown (and a 2D model predicts it) slice by slice along
     val_source: Any = None
@@ -127,6 +128,7 @@ def make_data(config) -> Data:
             train_operations=(),
             spacing=(1.0,) * len(d.shape),
             shares=phantom.class_frequencies(d.seed, tuple(d.shape), num_cases=min(16, d.num_val)),
+            train_shares=phantom.class_frequencies(d.seed, tuple(d.shape), num_cases=min(16, d.num_train)),
             description=f"embedded phantom, {d.num_train} training and {d.num_val} validation cases of "
                         f"{' x '.join(map(str, d.shape))} voxels (1 mm)",
             val_source=val,
@@ -244,6 +246,7 @@ def _make_volume_data(config) -> Data:
         train, val = volumes[: -d.num_val], volumes[-d.num_val:]
         description = f"{len(train)} training and {len(val)} validation cases from {d.root}"
     val_counts = sum(_class_counts(v, k) for v in val)
+    train_counts = sum(_class_counts(v, k) for v in train)
     spacing = tuple(val[0].spacing)
     return Data(
         class_names=class_names(config),
@@ -255,6 +258,7 @@ def _make_volume_data(config) -> Data:
         ),
         spacing=spacing,
         shares=val_counts / val_counts.sum(),
+        train_shares=train_counts / train_counts.sum(),
         description=f"{description}; voxel size {' x '.join(f'{s:g}' for s in spacing)} mm",
         slice_axis=d.slice_axis,
         val_volumes=val,
