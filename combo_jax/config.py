@@ -59,8 +59,11 @@ def loss_options(name: str) -> dict:
     """The options a config may set for loss ``name``, with the function's defaults."""
     if name not in LOSSES:
         raise ConfigError(f"config.loss.name: unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
-    return {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
-            if p.name not in _NOT_CONFIGURABLE and p.default is not inspect.Parameter.empty}
+    options = {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
+               if p.name not in _NOT_CONFIGURABLE and p.default is not inspect.Parameter.empty}
+    if "class_weights" in options:  # the trainer's way of setting them from the data
+        options["frequency_weighting"] = "none"
+    return options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,8 +313,6 @@ def check_loss(config) -> None:
     if loss.get("name") not in LOSSES:
         raise ConfigError(f"config.loss.name: unknown loss {loss.get('name')!r}; expected one of {', '.join(LOSSES)}")
     accepted = loss_options(loss.name)
-    if "class_weights" in accepted:
-        accepted["frequency_weighting"] = "none"
     for key in loss.keys():
         if key != "name" and key not in accepted:
             raise ConfigError(
@@ -321,18 +322,24 @@ def check_loss(config) -> None:
     dims = config.data.spatial_dims if config.data.spatial_dims in (2, 3) else 2
     logits = jax.ShapeDtypeStruct((1, *(2,) * dims, k), jnp.float32)
     labels = jax.ShapeDtypeStruct((1, *(2,) * dims), jnp.int32)
+    fn = functools.partial(LOSSES[loss.name], **_loss_options(config))
+    try:
+        jax.eval_shape(fn, logits, labels)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config.loss ({loss.name}): {str(err).splitlines()[0]}") from err
     weighting = loss.get("frequency_weighting", "none")
     if weighting not in FREQUENCY_WEIGHTING:
         raise ConfigError(f"config.loss.frequency_weighting must be one of {', '.join(map(repr, FREQUENCY_WEIGHTING))}, "
                           f"got {weighting!r}")
     if FREQUENCY_WEIGHTING[weighting] is not None and loss.get("class_weights") is not None:
         raise ConfigError(f"config.loss.class_weights and config.loss.frequency_weighting={weighting!r} both set the "
-                          "class weights; set frequency_weighting='none' to give your own")
-    fn = functools.partial(LOSSES[loss.name], **loss_kwargs(config, class_frequencies=[1.0] * k))
-    try:
-        jax.eval_shape(fn, logits, labels)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"config.loss ({loss.name}): {str(err).splitlines()[0]}") from err
+                          "class weights; set config.loss.frequency_weighting=none to give your own")
+
+
+def _loss_options(config) -> dict:
+    """config.loss's options of the loss function as given (tuples for sequences)."""
+    options = {k: v for k, v in config.loss.items() if k not in ("name", "frequency_weighting")}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
 def loss_kwargs(config, class_frequencies=None) -> dict:
@@ -341,16 +348,13 @@ def loss_kwargs(config, class_frequencies=None) -> dict:
     With ``config.loss.frequency_weighting`` other than "none", ``class_weights`` comes from
     ``class_frequencies``, the training data's fraction of voxels per class (required then).
     """
-    options = {k: v for k, v in config.loss.items() if k not in ("name", "frequency_weighting")}
-    for key, value in options.items():
-        if isinstance(value, list):
-            options[key] = tuple(value)
+    options = _loss_options(config)
     power = FREQUENCY_WEIGHTING.get(config.loss.get("frequency_weighting", "none"))
     if power is not None:
         if class_frequencies is None:
             raise ConfigError(f"config.loss.frequency_weighting={config.loss.frequency_weighting!r} needs the training "
                               "data's class frequencies")
-        options["class_weights"] = tuple(float(w) for w in losses.frequency_weights(class_frequencies, power))
+        options["class_weights"] = tuple(float(w) for w in losses.frequency_weights(class_frequencies, power=power))
     return options
 
 

@@ -224,7 +224,7 @@ def _class_weights(fn: str, class_weights: ArrayLike | None, num_classes: int, d
     return w
 
 
-def frequency_weights(frequencies: ArrayLike, power: float = 0.5) -> np.ndarray:
+def frequency_weights(frequencies: ArrayLike, *, power: float = 0.5) -> np.ndarray:
     """Per-class weights ``w_k`` proportional to ``f_k ** -power`` with mean 1, for ``class_weights``.
 
     ``frequencies``: the fraction (or count) of the training voxels in each class, shape ``(K,)``, background

@@ -190,13 +190,15 @@ def write_summary(config, data, workdir: str, summary: dict, *, elapsed: float, 
 
     Written atomically, last, so its presence means the run finished.
     """
-    from combo_jax.config import as_json_tree
+    from combo_jax.config import as_json_tree, loss_kwargs
 
     organs = _named(summary["organs"], data.class_names)
     for k, name in enumerate(data.class_names[1:], start=1):
         organs[name]["share"] = float(data.shares[k])
     row = {
         "loss": config.loss.to_dict(),
+        # the weights the loss trained with: config.loss.class_weights, or those of its frequency_weighting
+        "class_weights": loss_kwargs(config, data.train_shares).get("class_weights"),
         "steps": steps,
         "skipped_updates": skipped,
         "elapsed_s": elapsed,

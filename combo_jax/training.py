@@ -22,7 +22,7 @@ import numpy as np
 
 from combo_jax import distributed, reporting
 from combo_jax.checkpoints import Checkpoints
-from combo_jax.config import ConfigError, check_config, check_resume
+from combo_jax.config import ConfigError, check_config, check_resume, loss_kwargs
 from combo_jax.data.datasets import make_data, make_loader
 from combo_jax.evaluation import evaluate, make_predictor
 from combo_jax.models.unet import compiler_options
@@ -115,6 +115,11 @@ def _train(config, workdir: str, data, devices, started: float, is_main: bool, s
                                   num_epochs=None, worker_count=config.data.worker_count,
                                   operations=data.train_operations))
     options = compiler_options()
+    weighting = config.loss.get("frequency_weighting", "none")
+    if weighting != "none" and is_main:
+        weights = loss_kwargs(config, data.train_shares)["class_weights"]
+        print(f"class weights ({weighting} of the training data's class frequencies): "
+              + ", ".join(f"{n} {w:.3g}" for n, w in zip(data.class_names, weights)), flush=True)
     train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config, data.train_shares)),
                          in_shardings=(params_sharding, batch_sharding), out_shardings=(params_sharding, params_sharding),
                          donate_argnums=(0,), compiler_options=options)

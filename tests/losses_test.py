@@ -1289,7 +1289,8 @@ def test_bad_input_raises_naming_the_argument(name, case, x, y, where, options, 
 
 
 SUMS_API = ("ClassSums", "class_sums", "combo_loss_from_sums", "pool_batch")  # losses from per-class sums
-LOSS_API = [n for n in losses.__all__ if n not in SUMS_API]
+HELPERS = ("frequency_weights",)  # host-side, from the data
+LOSS_API = [n for n in losses.__all__ if n not in SUMS_API + HELPERS]
 
 
 @pytest.mark.parametrize("name", LOSS_API + ["class_sums"])
@@ -1321,3 +1322,15 @@ def test_api_reference_has_the_same_signature(name):
     assert [(p.name, p.kind, p.default) for p in ours.values()] == [
         (p.name, p.kind, p.default) for p in theirs.values()
     ]
+
+
+def test_frequency_weights_values_and_errors():
+    # f = (0.81, 0.09, 0.09, 0.01): f^-1/2 = (10/9, 10/3, 10/3, 10), mean 40/9; counts give the same weights.
+    np.testing.assert_allclose(losses.frequency_weights([81, 9, 9, 1]), [0.25, 0.75, 0.75, 2.25], rtol=1e-6)
+    np.testing.assert_allclose(losses.frequency_weights([0.81, 0.09, 0.09, 0.01], power=0.0), [1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"frequency_weights: every class needs a frequency > 0 .*\[0.5, 0.0, 0.5\]"):
+        losses.frequency_weights([0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match=r"frequency_weights: frequencies must have shape \(K,\)"):
+        losses.frequency_weights([[0.5, 0.5]])
+    with pytest.raises(ValueError, match=r"frequency_weights: power must be finite and >= 0, got -1"):
+        losses.frequency_weights([0.5, 0.5], power=-1)

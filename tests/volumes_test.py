@@ -85,6 +85,22 @@ def msd_run(tmp_path_factory):
     return root, workdir, summary
 
 
+def test_training_class_frequencies_are_those_of_the_training_cases(tmp_path):
+    """config.loss.frequency_weighting reads the training cases' class frequencies, not the validation's."""
+    from combo_jax.data import datasets
+
+    root = make_msd_task(tmp_path / "Task01_Toy", num_cases=3)
+    config = msd_config(root, tmp_path, spacing=(3.0, 3.0, 2.0))
+    data = datasets.make_data(config)
+    records = data.train_source._records
+    assert len(records) == 2 and len(data.val_volumes) == 1
+    labels = [r["labels"].open() if hasattr(r["labels"], "open") else r["labels"] for r in records]
+    counts = sum(np.bincount(np.asarray(a).ravel(), minlength=3) for a in labels)
+    np.testing.assert_allclose(data.train_shares, counts / counts.sum())
+    val = np.bincount(np.asarray(data.val_volumes[0].labels).ravel(), minlength=3)
+    np.testing.assert_allclose(data.shares, val / val.sum())
+
+
 def test_msd_folder_trains_and_reports_per_organ(msd_run):
     root, workdir, summary = msd_run
     written = json.load(open(os.path.join(workdir, "summary.json")))
