@@ -40,9 +40,8 @@ LOSSES = {
 }
 # Arguments of a loss that are not options a config sets.
 _NOT_CONFIGURABLE = ("logits", "labels", "where", "ignore_index", "reduction", "activation")
-# config.loss.frequency_weighting (losses that take class_weights): class weights the trainer derives from the
-# training data's class frequencies f_k, as losses.frequency_weights(f, power): "none", w ~ f^-1/2, w ~ 1/f.
-FREQUENCY_WEIGHTING = {"none": None, "inverse_sqrt": 0.5, "inverse": 1.0}
+# config.loss.frequency_power p (losses that take class_weights): class weights w_k ~ f_k^-p (mean 1) that the
+# trainer derives from the training data's class frequencies f_k (losses.frequency_weights); 0 turns them off.
 
 # Settings a resumed run may change: how long to train, how often to log, evaluate and save, how to evaluate,
 # and where the data and its cache live. Everything else decides which batches and which updates the run made.
@@ -62,7 +61,7 @@ def loss_options(name: str) -> dict:
     options = {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
                if p.name not in _NOT_CONFIGURABLE and p.default is not inspect.Parameter.empty}
     if "class_weights" in options:  # the trainer's way of setting them from the data
-        options["frequency_weighting"] = "none"
+        options["frequency_power"] = 0.0
     return options
 
 
@@ -327,33 +326,30 @@ def check_loss(config) -> None:
         jax.eval_shape(fn, logits, labels)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.loss ({loss.name}): {str(err).splitlines()[0]}") from err
-    weighting = loss.get("frequency_weighting", "none")
-    if weighting not in FREQUENCY_WEIGHTING:
-        raise ConfigError(f"config.loss.frequency_weighting must be one of {', '.join(map(repr, FREQUENCY_WEIGHTING))}, "
-                          f"got {weighting!r}")
-    if FREQUENCY_WEIGHTING[weighting] is not None and loss.get("class_weights") is not None:
-        raise ConfigError(f"config.loss.class_weights and config.loss.frequency_weighting={weighting!r} both set the "
-                          "class weights; set config.loss.frequency_weighting=none to give your own")
+    if "frequency_power" in loss:
+        _number(config, "loss.frequency_power", minimum=0.0)
+        if loss.frequency_power > 0 and loss.get("class_weights") is not None:
+            raise ConfigError(f"config.loss.class_weights and config.loss.frequency_power={loss.frequency_power} both "
+                              "set the class weights; set config.loss.frequency_power=0 to give your own")
 
 
 def _loss_options(config) -> dict:
     """config.loss's options of the loss function as given (tuples for sequences)."""
-    options = {k: v for k, v in config.loss.items() if k not in ("name", "frequency_weighting")}
+    options = {k: v for k, v in config.loss.items() if k not in ("name", "frequency_power")}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
 def loss_kwargs(config, class_frequencies=None) -> dict:
     """The keyword arguments config.loss gives its loss function (tuples for sequences).
 
-    With ``config.loss.frequency_weighting`` other than "none", ``class_weights`` comes from
-    ``class_frequencies``, the training data's fraction of voxels per class (required then).
+    With ``config.loss.frequency_power`` above 0, ``class_weights`` comes from ``class_frequencies``, the
+    training data's fraction of voxels per class (required then).
     """
     options = _loss_options(config)
-    power = FREQUENCY_WEIGHTING.get(config.loss.get("frequency_weighting", "none"))
-    if power is not None:
+    power = config.loss.get("frequency_power", 0.0)
+    if power > 0:
         if class_frequencies is None:
-            raise ConfigError(f"config.loss.frequency_weighting={config.loss.frequency_weighting!r} needs the training "
-                              "data's class frequencies")
+            raise ConfigError(f"config.loss.frequency_power={power} needs the training data's class frequencies")
         options["class_weights"] = tuple(float(w) for w in losses.frequency_weights(class_frequencies, power=power))
     return options
 

@@ -228,8 +228,8 @@ def frequency_weights(frequencies: ArrayLike, *, power: float = 0.5) -> np.ndarr
     """Per-class weights ``w_k`` proportional to ``f_k ** -power`` with mean 1, for ``class_weights``.
 
     ``frequencies``: the fraction (or count) of the training voxels in each class, shape ``(K,)``, background
-    included. ``power=0.5`` (inverse square root) is what the trainer's ``config.loss.frequency_weighting =
-    "inverse_sqrt"`` uses, the Combo loss's default there (docs/collapse.md); ``power=1`` is inverse frequency.
+    included. ``power=1`` is inverse frequency, ``0.5`` its square root; the trainer uses its
+    ``config.loss.frequency_power`` (for the Combo loss 0.25 by default there, docs/collapse.md).
     With mean 1 the loss keeps its scale: a rare organ's terms weigh more, the background's less. Computed on
     the host (NumPy), once, from the data.
     """

@@ -197,7 +197,7 @@ def write_summary(config, data, workdir: str, summary: dict, *, elapsed: float, 
         organs[name]["share"] = float(data.shares[k])
     row = {
         "loss": config.loss.to_dict(),
-        # the weights the loss trained with: config.loss.class_weights, or those of its frequency_weighting
+        # the weights the loss trained with: config.loss.class_weights, or those of its frequency_power
         "class_weights": loss_kwargs(config, data.train_shares).get("class_weights"),
         "steps": steps,
         "skipped_updates": skipped,

@@ -78,7 +78,7 @@ def make_loss_fn(config, class_frequencies=None):
     """``loss_fn(outputs, labels)`` of config.loss; deep supervision weighs full resolution 1, then halves.
 
     ``class_frequencies``: the training data's fraction of voxels per class (``Data.train_shares``), which
-    ``config.loss.frequency_weighting`` turns into class weights.
+    ``config.loss.frequency_power`` turns into class weights.
     """
     loss = functools.partial(LOSSES[config.loss.name], **loss_kwargs(config, class_frequencies))
 

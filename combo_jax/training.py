@@ -115,10 +115,10 @@ def _train(config, workdir: str, data, devices, started: float, is_main: bool, s
                                   num_epochs=None, worker_count=config.data.worker_count,
                                   operations=data.train_operations))
     options = compiler_options()
-    weighting = config.loss.get("frequency_weighting", "none")
-    if weighting != "none" and is_main:
+    power = config.loss.get("frequency_power", 0.0)
+    if power > 0 and is_main:
         weights = loss_kwargs(config, data.train_shares)["class_weights"]
-        print(f"class weights ({weighting} of the training data's class frequencies): "
+        print(f"class weights (the training data's class frequencies to the power -{power:g}): "
               + ", ".join(f"{n} {w:.3g}" for n, w in zip(data.class_names, weights)), flush=True)
     train_step = jax.jit(make_train_step(graphdef, tx, make_loss_fn(config, data.train_shares)),
                          in_shardings=(params_sharding, batch_sharding), out_shardings=(params_sharding, params_sharding),

@@ -144,33 +144,32 @@ def test_differences_cover_keys_on_one_side_only():
     assert config_lib.differences(a, b, allowed=("x.",)) == []
 
 
-def test_frequency_weighting_is_checked_and_gives_the_class_weights():
+def test_frequency_power_is_checked_and_gives_the_class_weights():
     # Combo trains with weights from the class frequencies by default, the other losses without.
-    assert load_config("tiny").loss.frequency_weighting == "inverse_sqrt"
-    assert load_config("tiny:dice_ce").loss.frequency_weighting == "none"
-    assert "frequency_weighting" not in load_config("tiny:tversky").loss  # no class_weights to set
+    assert load_config("tiny").loss.frequency_power == 0.25
+    assert load_config("tiny:dice_ce").loss.frequency_power == 0.0
+    assert "frequency_power" not in load_config("tiny:tversky").loss  # no class_weights to set
     # f = (0.81, 0.09, 0.09, 0.01): f^-1/2 = (10/9, 10/3, 10/3, 10), mean 40/9, so w = (1/4, 3/4, 3/4, 9/4);
     # 1/f = (100/81, 100/9, 100/9, 100), mean 2500/81, so w = (1/25, 9/25, 9/25, 81/25).
     frequencies = [0.81, 0.09, 0.09, 0.01]
-    config = load_config("tiny")
+    config = load_config("tiny", ["loss.frequency_power=0.5"])
     assert config_lib.loss_kwargs(config, frequencies)["class_weights"] == pytest.approx([0.25, 0.75, 0.75, 2.25])
-    config.loss.frequency_weighting = "inverse"
+    config.loss.frequency_power = 1.0
     assert config_lib.loss_kwargs(config, [81, 9, 9, 1])["class_weights"] == pytest.approx(
         [1 / 25, 9 / 25, 9 / 25, 81 / 25], rel=1e-6)
-    with pytest.raises(ConfigError, match=r"frequency_weighting='inverse' needs the training data's class frequencies"):
+    with pytest.raises(ConfigError, match=r"frequency_power=1.0 needs the training data's class frequencies"):
         config_lib.loss_kwargs(config)
-    config.loss.frequency_weighting = "none"
+    config.loss.frequency_power = 0.0
     assert config_lib.loss_kwargs(config, frequencies)["class_weights"] is None
 
-    _check(lambda c: setattr(c.loss, "frequency_weighting", "sqrt"),
-           r"config.loss.frequency_weighting must be one of 'none', 'inverse_sqrt', 'inverse', got 'sqrt'")
+    _check(lambda c: setattr(c.loss, "frequency_power", -0.5), r"config.loss.frequency_power must be >= 0.0, got -0.5")
 
     def both(c):
         c.loss.class_weights = (0, 1, 1, 1, 1, 2, 4)
 
-    _check(both, r"config.loss.class_weights and config.loss.frequency_weighting='inverse_sqrt' both set the class "
-                 r"weights; set config.loss.frequency_weighting=none")
-    check_config(load_config("tiny", ["loss.frequency_weighting=none", "loss.class_weights=(0, 1, 1, 1, 1, 2, 4)"]),
+    _check(both, r"config.loss.class_weights and config.loss.frequency_power=0.25 both set the class weights; set "
+                 r"config.loss.frequency_power=0")
+    check_config(load_config("tiny", ["loss.frequency_power=0", "loss.class_weights=(0, 1, 1, 1, 1, 2, 4)"]),
                  num_devices=1)
-    with pytest.raises(ConfigError, match=r"config.loss.frequency_weighting is not an option of loss 'tversky'"):
-        load_config("tiny:tversky", ["loss.frequency_weighting=inverse"])
+    with pytest.raises(ConfigError, match=r"config.loss.frequency_power is not an option of loss 'tversky'"):
+        load_config("tiny:tversky", ["loss.frequency_power=0.5"])

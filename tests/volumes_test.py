@@ -86,7 +86,7 @@ def msd_run(tmp_path_factory):
 
 
 def test_training_class_frequencies_are_those_of_the_training_cases(tmp_path):
-    """config.loss.frequency_weighting reads the training cases' class frequencies, not the validation's."""
+    """config.loss.frequency_power reads the training cases' class frequencies, not the validation's."""
     from combo_jax.data import datasets
 
     root = make_msd_task(tmp_path / "Task01_Toy", num_cases=3)
