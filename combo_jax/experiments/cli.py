@@ -13,9 +13,13 @@ from combo_jax.experiments import plan, report, results, runner
 from combo_jax.experiments.plan import StudyError
 
 def loss_defaults_table() -> str:
-    """Markdown table of every loss's default options, from ``combo_jax.config.loss_options``."""
+    """Markdown table of the options every loss trains with in the shipped configs (``configs/default.py``)."""
+    from combo_jax.configs import default
+
     lines = ["| loss | default options |", "|---|---|"]
-    lines += [f"| {name} | {report._options_text(config_lib.loss_options(name))} |" for name in config_lib.LOSSES]
+    for name in config_lib.LOSSES:
+        options = {k: v for k, v in default.loss_config(name).to_dict().items() if k != "name"}
+        lines.append(f"| {name} | {report._options_text(options)} |")
     return "\n".join(lines)
 
 

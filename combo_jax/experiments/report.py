@@ -48,7 +48,10 @@ def _options_text(options: dict) -> str:
 
 
 def _non_default(name: str, options: dict) -> dict:
-    defaults = config_lib.loss_options(name)
+    """The options that differ from those the shipped configs train loss ``name`` with (configs/default.py)."""
+    from combo_jax.configs import default
+
+    defaults = default.loss_config(name).to_dict()
     return {k: v for k, v in options.items()
             if k not in defaults or config_lib.as_json_tree(defaults[k]) != config_lib.as_json_tree(v)}
 
@@ -208,8 +211,8 @@ def write_compare(runs: Sequence[Run], out: str, *, argv: Sequence[str] = ()) ->
         lines += [metric_row(labels[key], tables[key][organ]) for key in groups]
         lines.append("")
     lines += ["## Losses and their options", "",
-              "As recorded in the runs' summary.json; an option differing from the loss's default "
-              "(`combo_jax.config.loss_options(name)`) is marked *.", "", "| loss | options |", "|---|---|"]
+              "As recorded in the runs' summary.json; an option differing from the shipped configs' "
+              "(`configs/default.py`) is marked *.", "", "| loss | options |", "|---|---|"]
     for key in groups:
         name, options = key[0], json.loads(key[1])
         changed = _non_default(name, options)
