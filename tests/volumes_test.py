@@ -101,6 +101,23 @@ def test_training_class_frequencies_are_those_of_the_training_cases(tmp_path):
     np.testing.assert_allclose(data.shares, val / val.sum())
 
 
+def test_an_organ_missing_from_the_training_cases_cannot_be_frequency_weighted(tmp_path):
+    from combo_jax.config import ConfigError
+    from combo_jax.data import datasets
+
+    root = make_msd_task(tmp_path / "Task01_Toy", num_cases=3)
+    for i in (0, 1):  # the small organ only in the validation case (the last)
+        path = root / "labelsTr" / f"case_{i}.nii.gz"
+        labels = np.asarray(nib.load(str(path)).dataobj)
+        _write(path, np.where(labels == 2, 0, labels).astype(np.uint8))
+    config = msd_config(root, tmp_path, spacing=(3.0, 3.0, 2.0))
+    assert config.loss.name == "combo" and config.loss.frequency_power > 0
+    with pytest.raises(ConfigError, match=r"organ\(s\) 'small' occur in no training case .*frequency_power=0"):
+        datasets.make_data(config)
+    config.loss.frequency_power = 0.0
+    assert datasets.make_data(config).train_shares[1] == 0
+
+
 def test_msd_folder_trains_and_reports_per_organ(msd_run):
     root, workdir, summary = msd_run
     written = json.load(open(os.path.join(workdir, "summary.json")))

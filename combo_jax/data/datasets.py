@@ -247,6 +247,11 @@ def _make_volume_data(config) -> Data:
         description = f"{len(train)} training and {len(val)} validation cases from {d.root}"
     val_counts = sum(_class_counts(v, k) for v in val)
     train_counts = sum(_class_counts(v, k) for v in train)
+    missing = [organ for organ, n in zip(d.organs, train_counts[1:]) if n == 0]
+    if missing and config.loss.get("frequency_power", 0.0) > 0:
+        raise ConfigError(f"config.loss.frequency_power weighs the classes by their training frequencies, but organ(s) "
+                          f"{', '.join(map(repr, missing))} occur in no training case ({description}); set "
+                          "config.loss.frequency_power=0 or give config.loss.class_weights")
     spacing = tuple(val[0].spacing)
     return Data(
         class_names=class_names(config),
