@@ -40,8 +40,6 @@ LOSSES = {
 }
 # Arguments of a loss that are not options a config sets.
 _NOT_CONFIGURABLE = ("logits", "labels", "where", "ignore_index", "reduction", "activation")
-# config.loss.frequency_power p (losses that take class_weights): class weights w_k ~ f_k^-p (mean 1) that the
-# trainer derives from the training data's class frequencies f_k (losses.frequency_weights); 0 turns them off.
 
 # Settings a resumed run may change: how long to train, how often to log, evaluate and save, how to evaluate,
 # and where the data and its cache live. Everything else decides which batches and which updates the run made.
@@ -60,7 +58,9 @@ def loss_options(name: str) -> dict:
         raise ConfigError(f"config.loss.name: unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
     options = {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
                if p.name not in _NOT_CONFIGURABLE and p.default is not inspect.Parameter.empty}
-    if "class_weights" in options:  # the trainer's way of setting them from the data
+    if "class_weights" in options:
+        # config.loss.frequency_power p: class weights w_k ~ f_k^-p (mean 1) that the trainer derives from the
+        # training data's class frequencies f_k (losses.frequency_weights, see loss_kwargs); 0 turns them off.
         options["frequency_power"] = 0.0
     return options
 
