@@ -51,3 +51,20 @@ def test_no_intensity_threshold_segments_the_small_organs():
 def test_bad_shape():
     with pytest.raises(ValueError, match="2D or 3D"):
         phantom.make_case(0, 0, (8, 8))
+
+
+def test_phantom_data_shares_are_counted_on_each_split_s_own_cases():
+    from combo_jax.configs import default
+    from combo_jax.data import datasets
+
+    config = default.get_config("combo")
+    config.data.shape, config.data.num_train, config.data.num_val = (32, 32), 20, 12
+    data = datasets.make_data(config)
+
+    def counted(source, n):
+        counts = sum(np.bincount(source[i]["labels"].ravel(), minlength=phantom.NUM_CLASSES) for i in range(n))
+        return counts / counts.sum()
+
+    np.testing.assert_allclose(data.train_shares, counted(data.train_source, 16))  # the first 16 of 20
+    np.testing.assert_allclose(data.shares, counted(data.val_source, 12))  # every validation case
+    assert not np.allclose(data.shares, data.train_shares)  # different cases, so different counts

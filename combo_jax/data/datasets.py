@@ -117,18 +117,26 @@ class Data:
         return len(self.val_source) if self.val_source is not None else len(self.val_volumes)
 
 
+_PHANTOM_VAL_OFFSET = 1_000_000  # validation case i is phantom case 1_000_000 + i; training case i is case i
+
+
 def make_data(config) -> Data:
     """The datasets a config names (checked: a problem with the data is a ConfigError or a DatasetError)."""
     d = config.data
     if d.name == "phantom":
-        val = PhantomSource(d.seed, d.shape, d.num_val, offset=1_000_000)
+        train = PhantomSource(d.seed, d.shape, d.num_train, offset=0)
+        val = PhantomSource(d.seed, d.shape, d.num_val, offset=_PHANTOM_VAL_OFFSET)
+
+        def shares(source):  # the class frequencies of the split's first 16 cases (not kept: workers copy sources)
+            return phantom.class_frequencies(d.seed, tuple(d.shape), min(16, len(source)), offset=source.offset)
+
         return Data(
             class_names=phantom.CLASS_NAMES,
-            train_source=PhantomSource(d.seed, d.shape, d.num_train, offset=0),
+            train_source=train,
             train_operations=(),
             spacing=(1.0,) * len(d.shape),
-            shares=phantom.class_frequencies(d.seed, tuple(d.shape), num_cases=min(16, d.num_val)),
-            train_shares=phantom.class_frequencies(d.seed, tuple(d.shape), num_cases=min(16, d.num_train)),
+            shares=shares(val),
+            train_shares=shares(train),
             description=f"embedded phantom, {d.num_train} training and {d.num_val} validation cases of "
                         f"{' x '.join(map(str, d.shape))} voxels (1 mm)",
             val_source=val,

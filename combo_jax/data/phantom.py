@@ -119,9 +119,9 @@ def make_split(seed: int, shape: tuple[int, ...], num_cases: int, *, offset: int
     return np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])
 
 
-def class_frequencies(seed: int, shape: tuple[int, ...], num_cases: int = 16) -> np.ndarray:
-    """Fraction of voxels of each class over `num_cases` cases, shape (NUM_CLASSES,)."""
+def class_frequencies(seed: int, shape: tuple[int, ...], num_cases: int = 16, *, offset: int = 0) -> np.ndarray:
+    """Fraction of voxels of each class over cases offset..offset+num_cases-1, shape (NUM_CLASSES,)."""
     counts = np.zeros(NUM_CLASSES, np.int64)
-    for i in range(num_cases):
+    for i in range(offset, offset + num_cases):
         counts += np.bincount(make_case(seed, i, shape)[1].ravel(), minlength=NUM_CLASSES)
     return counts / counts.sum()
