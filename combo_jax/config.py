@@ -48,6 +48,11 @@ RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.ch
              "data.cache_dir", "model.remat")  # remat: what the backward pass recomputes, not the run's numbers
 
 
+# Keys added to the config after runs were recorded without them, with the value that reproduces what such a run
+# did: a saved run lacking the key matches a config holding this value (and no other).
+INTRODUCED = {"loss.frequency_power": 0.0}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run, found before any training work."""
 
@@ -218,12 +223,16 @@ def as_json_tree(config) -> dict:
 def differences(expected, recorded, *, allowed: Sequence[str] = ()) -> list[str]:
     """``config.KEY: recorded R, now E`` for every field whose values differ, except keys under ``allowed``.
 
-    A key present on one side only counts as a difference; ``allowed`` entries ending in ``.`` cover a section.
+    A key present on one side only counts as a difference, unless the recorded config predates the key
+    (``INTRODUCED``) and the expected value is the one runs made before it had; ``allowed`` entries ending in
+    ``.`` cover a section.
     """
     a, b = flatten(as_json_tree(expected)), flatten(as_json_tree(recorded))
     changed = []
     for key in sorted(a.keys() | b.keys()):
         if any(key == c or (c.endswith(".") and key.startswith(c)) for c in allowed):
+            continue
+        if key not in b and key in INTRODUCED and a[key] == INTRODUCED[key]:
             continue
         if a.get(key, "(absent)") != b.get(key, "(absent)"):
             changed.append(f"config.{key}: {b.get(key, '(absent)')!r} in the saved run, {a.get(key, '(absent)')!r} now")

@@ -144,6 +144,25 @@ def test_differences_cover_keys_on_one_side_only():
     assert config_lib.differences(a, b, allowed=("x.",)) == []
 
 
+@pytest.mark.parametrize("loss", ["combo", "dice_ce"])
+def test_a_run_saved_before_frequency_weighting_resumes_where_it_trained_the_same(tmp_path, loss):
+    # A config.json written before loss.frequency_power existed trained unweighted: it resumes under a config
+    # that is unweighted (p = 0), and a weighted one is refused naming the key.
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "latest" / "4").mkdir(parents=True)
+    old = json.loads(tiny.get_config(loss).to_json_best_effort())
+    del old["loss"]["frequency_power"]
+    (workdir / "config.json").write_text(json.dumps(old))
+    now = tiny.get_config(loss)
+    if now.loss.frequency_power == 0:
+        config_lib.check_resume(now, str(workdir), has_checkpoints=True)
+    now.loss.frequency_power = 0.0
+    config_lib.check_resume(now, str(workdir), has_checkpoints=True)
+    now.loss.frequency_power = 0.25
+    with pytest.raises(ConfigError, match=r"config.loss.frequency_power: '\(absent\)' in the saved run, 0.25 now"):
+        config_lib.check_resume(now, str(workdir), has_checkpoints=True)
+
+
 def test_frequency_power_is_checked_and_gives_the_class_weights():
     # Combo trains with weights from the class frequencies by default, the other losses without.
     assert load_config("tiny").loss.frequency_power == 0.25
