@@ -199,6 +199,18 @@ def test_compare_tables_from_hand_made_summaries(tmp_path):
     assert "| combo | 0.900 ± 0.000 | 0.900 | 0.900 | 0.050 | 0.050 | inf |" in md  # spleen: one seed inf
     assert "| dice | " in md and "include_background=True" in md
 
+    # Seed by seed, combo against dice: mean Dice over the organs (0.9 x 4 + 0.6 + 0.4) / 6 and
+    # (0.9 x 4 + 0.8 + 0.2) / 6 against (0.9 x 5 + 0.5) / 6; small organs 0.5 and 0.5 against 0.7.
+    paired = _csv(tmp_path / "compare_paired.csv")
+    every = _row(paired, loss="combo", against_loss="dice", scope="all")
+    assert (every["n_seeds"], every["n_higher"], every["n_lower"]) == ("2", "0", "2")
+    assert float(every["mean_change"]) == pytest.approx(4.6 / 6 - 5.0 / 6)
+    assert float(every["p_lower"]) == pytest.approx(0.25) and float(every["p_higher"]) == pytest.approx(1.0)
+    small_pair = _row(paired, loss="combo", against_loss="dice", scope="small")
+    assert float(small_pair["mean_change"]) == pytest.approx(-0.2) and small_pair["n_lower"] == "2"
+    assert "## Seed by seed: combo against each other loss" in md
+    assert "| dice | 0/2 | 1.000 | 0.250 | -0.067 [-0.067, -0.067] | 0/2 | 1.000 | 0.250 | -0.200 [-0.200, -0.200] |" in md
+
 
 def test_sweep_tables_targets_and_plot_from_hand_made_summaries(tmp_path):
     out = str(tmp_path)

@@ -197,6 +197,8 @@ def write_compare(runs: Sequence[Run], out: str, *, argv: Sequence[str] = ()) ->
                      f"{', '.join(r['run'] for r in recs)} |")
     lines.append("")
     lines += _collapse_lines(groups, labels)
+    lines += _paired_compare(os.path.join(out, "compare_paired.csv"), groups, labels,
+                             scopes={"all": list(organs), **({"small": list(small)} if small else {})})
     if small:
         lines += [f"## Small organs (under {SMALL_SHARE:.1%} of the voxels: "
                   + ", ".join(f"{o} {shares[o]:.3%}" for o in small) + ")", "",
@@ -222,6 +224,49 @@ def write_compare(runs: Sequence[Run], out: str, *, argv: Sequence[str] = ()) ->
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines))
     return {"organs": organs, "small": small, "tables": tables, "groups": groups}
+
+
+def _paired_compare(path: str, groups: dict, labels: dict, *, scopes: dict) -> list[str]:
+    """Seed by seed, the first loss of the comparison against each other one: in how many seeds its Dice (mean
+    over all organs, and over the small ones) is higher, with a sign test and a bootstrap interval of the mean
+    difference; every pair in ``path`` (compare_paired.csv). Nothing when there is one loss only."""
+    keys = list(groups)
+    if len(keys) < 2:
+        return []
+    first = keys[0]
+    header = ["loss", "options", "against_loss", "against_options", "scope", "metric", "n_seeds", "n_higher",
+              "n_lower", "n_tied", "p_higher", "p_lower", "mean_change", "ci_low", "ci_high", "changes"]
+    rows, cells = [], {}
+    for key in keys[1:]:
+        if not {r["seed"] for r in groups[key]} & {r["seed"] for r in groups[first]}:
+            continue  # no seed in common: nothing to pair
+        for scope, members in scopes.items():
+            def dice(recs):
+                return {int(r["seed"]): group_metrics(r, members)["dice"] for r in recs}
+
+            p = stats.paired(dice(groups[key]), dice(groups[first]))  # the first loss minus this one, per seed
+            rows.append([*first, *key, scope, "dice", p.n, p.n_greater, p.n_less, p.n_tied, p.p_greater, p.p_less,
+                         p.mean_diff, *p.interval, ";".join(f"{s}:{x:.6g}" for s, x in zip(p.seeds, p.diffs))])
+            cells[(key, scope)] = (f"{p.n_greater}/{p.n}", stats.format_p(p.p_greater), stats.format_p(p.p_less),
+                                   f"{p.mean_diff:+.3f}" if math.isfinite(p.mean_diff) else "n/a",
+                                   "n/a" if math.isnan(p.interval[0]) else f"[{p.interval[0]:+.3f}, {p.interval[1]:+.3f}]")
+    _write_csv(path, header, rows)
+    names = {"all": "mean Dice over the organs", "small": "small-organ Dice"}
+    lines = [f"## Seed by seed: {labels[first]} against each other loss", "",
+             f"For each seed, {labels[first]}'s Dice minus the other loss's (same seed: same initial draws and batch "
+             "order). \"Higher\": seeds where it is higher; p: one-sided exact sign test (ties dropped) for higher, "
+             "then for lower; CI: 95% percentile bootstrap interval of the mean difference. "
+             f"`{os.path.basename(path)}` has every value.", "",
+             "| against | " + " | ".join(f"{names[s]}: higher (seeds) | p higher | p lower | mean difference, 95% CI"
+                                         for s in scopes) + " |",
+             "|---|" + "---|---|---|---|" * len(scopes)]
+    for key in (k for k in keys[1:] if (k, "all") in cells):
+        parts = []
+        for scope in scopes:
+            n, p_hi, p_lo, mean, ci = cells[(key, scope)]
+            parts += [n, p_hi, p_lo, f"{mean} {ci}"]
+        lines.append(f"| {labels[key]} | " + " | ".join(parts) + " |")
+    return lines + [""]
 
 
 def _trend(ys: Sequence[float]) -> str:

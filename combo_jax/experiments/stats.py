@@ -186,8 +186,8 @@ class Direction:
 
     def cells(self) -> list[str]:
         n = self.fp.n
-        return [f"{self.fp.n_greater}/{n}", _p(self.fp.p_greater), _interval(self.fp.interval),
-                f"{self.fn.n_less}/{n}", _p(self.fn.p_less), _interval(self.fn.interval), f"{self.n_both}/{n}"]
+        return [f"{self.fp.n_greater}/{n}", format_p(self.fp.p_greater), _interval(self.fp.interval),
+                f"{self.fn.n_less}/{n}", format_p(self.fn.p_less), _interval(self.fn.interval), f"{self.n_both}/{n}"]
 
 
 def direction(low: Sequence[Mapping], high: Sequence[Mapping], organ: str, *, fp_key: str = "fp_ml",
@@ -199,7 +199,8 @@ def direction(low: Sequence[Mapping], high: Sequence[Mapping], organ: str, *, fp
     return Direction(organ, fp, fn, both)
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value for a table: three decimals, "<0.001" below that, "n/a" for nan."""
     return "n/a" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
 
