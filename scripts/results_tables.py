@@ -2,8 +2,8 @@
 
     python scripts/results_tables.py [--results results] [--out docs/results_tables.md]
 
-Reads RESULTS/phantom and RESULTS/totalseg_ct (compare.csv, sweep_loss.beta.csv, sweep_loss.beta_paired.csv,
-sweep_loss.alpha.csv; a missing file leaves its table out) and writes one markdown file: per setting the mean
+Reads RESULTS/phantom and RESULTS/totalseg_ct (compare.csv, compare_paired.csv, sweep_loss.beta.csv,
+sweep_loss.beta_paired.csv, sweep_loss.alpha.csv; a missing file leaves its table out) and writes one markdown file: per setting the mean
 and standard deviation over seeds, how many seeds collapsed and how, and the seed-by-seed beta comparison.
 `make study` runs it after the trainings.
 """
@@ -100,6 +100,26 @@ def paired_table(rows, low, high):
     return lines
 
 
+def compare_paired_table(rows):
+    """The first loss against each other one, seed by seed (compare_paired.csv)."""
+    scopes = list(dict.fromkeys(r["scope"] for r in rows))
+    names = {"all": "mean Dice over organs", "small": "small-organ Dice"}
+    lines = ["| against | " + " | ".join(f"{names.get(s, s)}: higher (seeds) | p | mean difference, 95% CI"
+                                     for s in scopes) + " |", "|---|" + "---|---|---|" * len(scopes)]
+    for against in dict.fromkeys(r["against_loss"] + "\t" + r["against_options"] for r in rows):
+        name, options = against.split("\t")
+        cells = []
+        for scope in scopes:
+            r = next(r for r in rows if r["against_loss"] == name and r["against_options"] == options
+                     and r["scope"] == scope)
+            higher, lower = int(r["n_higher"]), int(r["n_lower"])
+            p = r["p_higher"] if higher >= lower else r["p_lower"]
+            cells += [f"{higher}/{r['n_seeds']}", f"{_num(p)} ({'higher' if higher >= lower else 'lower'})",
+                      f"{float(r['mean_change']):+.3f} [{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default="results")
@@ -116,6 +136,11 @@ def main():
         compare = _read(os.path.join(folder, "compare.csv"))
         if compare:
             lines += [f"## {title}: loss comparison", ""] + compare_table(compare) + [""]
+            paired = _read(os.path.join(folder, "compare_paired.csv"))
+            if paired:
+                first = paired[0]["loss"]
+                lines += [f"Seed by seed, {first} against each other loss (its Dice minus the other's; p: one-sided "
+                          "sign test in the direction of the majority):", ""] + compare_paired_table(paired) + [""]
         for param in ("loss.beta", "loss.alpha"):
             sweep = _read(os.path.join(folder, f"sweep_{param}.csv"))
             if not sweep:
