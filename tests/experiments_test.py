@@ -210,6 +210,10 @@ def test_compare_tables_from_hand_made_summaries(tmp_path):
     assert float(small_pair["mean_change"]) == pytest.approx(-0.2) and small_pair["n_lower"] == "2"
     assert "## Seed by seed: combo against each other loss" in md
     assert "| dice | 0/2 | 1.000 | 0.250 | -0.067 [-0.067, -0.067] | 0/2 | 1.000 | 0.250 | -0.200 [-0.200, -0.200] |" in md
+    # A comparison of one loss in the same folder has nothing to pair: no stale seed-by-seed file is left.
+    report.write_compare([r for r in runs if r.loss == "combo"], out, argv=["compare"])
+    assert not os.path.exists(tmp_path / "compare_paired.csv")
+    assert "## Seed by seed" not in (tmp_path / "compare.md").read_text()
 
 
 def test_sweep_tables_targets_and_plot_from_hand_made_summaries(tmp_path):

@@ -229,9 +229,12 @@ def write_compare(runs: Sequence[Run], out: str, *, argv: Sequence[str] = ()) ->
 def _paired_compare(path: str, groups: dict, labels: dict, *, scopes: dict) -> list[str]:
     """Seed by seed, the first loss of the comparison against each other one: in how many seeds its Dice (mean
     over all organs, and over the small ones) is higher, with a sign test and a bootstrap interval of the mean
-    difference; every pair in ``path`` (compare_paired.csv). Nothing when there is one loss only."""
+    difference; every pair in ``path`` (compare_paired.csv). Nothing when there is one loss only (and a
+    ``path`` left by an earlier comparison in the same folder is removed, as the other tables are rewritten)."""
     keys = list(groups)
     if len(keys) < 2:
+        if os.path.exists(path):
+            os.remove(path)
         return []
     first = keys[0]
     header = ["loss", "options", "against_loss", "against_options", "scope", "metric", "n_seeds", "n_higher",
