@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The loss study of docs/results.md: the phantom (5 seeds: 7 losses, beta and alpha sweeps) and the real CT
-# sample (3 seeds: 7 losses, beta 0.1 / 0.5 / 0.9). Every run is a train.py subprocess of the experiment
-# runner, so an interrupted study resumes where it stopped when the same command is run again.
+# The loss study of docs/results.md: the phantom (5 seeds: 7 losses, beta and alpha sweeps, and the Combo
+# loss's halves with its class weights) and the real CT sample (3 seeds: 7 losses, beta 0.1 / 0.5 / 0.9).
+# Every run is a train.py subprocess of the experiment runner, so an interrupted study resumes where it
+# stopped when the same command is run again.
 #
 #   scripts/study.sh [--gpu] [--python PY] [--ct-data DIR] [--archive FILE] [--deadline SECONDS] OUT
 #
-# OUT receives OUT/phantom and OUT/totalseg_ct (tables, CSVs, plots, study.json; runs under */runs/). `make study`
-# runs it with OUT=results on the CPU.
+# OUT receives OUT/phantom, OUT/phantom_weighted_halves and OUT/totalseg_ct (tables, CSVs, plots, study.json;
+# runs under */runs/). `make study` runs it with OUT=results on the CPU.
 #
-# CPU (default): the five commands one after another, as many trainings at a time as there are cores, at most
+# CPU (default): the six commands one after another, as many trainings at a time as there are cores, at most
 #   2 (--parallel, each pinned to its share of the cores). Measured on a 2-core CPU: see docs/results.md
 #   (about 2 hours in all).
 # --gpu: one GPU shared by 16 trainings at once (the runner turns memory preallocation off when trainings share
@@ -88,6 +89,9 @@ others() { "$PY" -c "import sys; own = float(sys.argv[2]); print(','.join(v for 
 phantom_compare=(compare --config study --seeds $SEEDS --out "$OUT/phantom")
 phantom_beta=(sweep --config study --param loss.beta --seeds $SEEDS --out "$OUT/phantom")
 phantom_alpha=(sweep --config study --param loss.alpha --seeds $SEEDS --out "$OUT/phantom")
+# The Combo loss's two halves alone, with the class weights the Combo default carries (a control for claim 1).
+phantom_halves=(compare --config study --losses wce,dice --seeds $SEEDS --set loss.frequency_power=0.25
+                --out "$OUT/phantom_weighted_halves")
 ct_compare=(compare --config totalseg_ct --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
 ct_beta=(sweep --config totalseg_ct --param loss.beta --seeds $CT_SEEDS --out "$OUT/totalseg_ct" "${CT_SET[@]}")
 
@@ -96,18 +100,20 @@ if [ $GPU = 0 ]; then
   run "${EXP[@]}" "${phantom_compare[@]}" --parallel "$P"
   run "${EXP[@]}" "${phantom_beta[@]}" --values $VALUES --parallel "$P"
   run "${EXP[@]}" "${phantom_alpha[@]}" --values $VALUES --parallel "$P"
+  run "${EXP[@]}" "${phantom_halves[@]}" --parallel "$P"
   run "${EXP[@]}" "${ct_compare[@]}" --parallel "$P"
   run "${EXP[@]}" "${ct_beta[@]}" --values $CT_BETAS --parallel "$P"
 else
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   CACHE=(--compile-cache "$OUT/jax_cache")
-  mkdir -p "$OUT/phantom" "$OUT/totalseg_ct"
+  mkdir -p "$OUT/phantom" "$OUT/phantom_weighted_halves" "$OUT/totalseg_ct"
   beta=$(own beta); alpha=$(own alpha)
   limit=(); [ "$DEADLINE" -gt 0 ] && limit=(timeout -s TERM -k 120 "$DEADLINE")
   children=()
   "${limit[@]}" "${EXP[@]}" "${phantom_compare[@]}" --parallel 6 "${CACHE[@]}" > "$OUT/phantom_compare.log" 2>&1 & children+=($!)
   "${limit[@]}" "${EXP[@]}" "${phantom_beta[@]}" --values "$(others $VALUES "$beta")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_beta.log" 2>&1 & children+=($!)
   "${limit[@]}" "${EXP[@]}" "${phantom_alpha[@]}" --values "$(others $VALUES "$alpha")" --parallel 3 "${CACHE[@]}" > "$OUT/phantom_alpha.log" 2>&1 & children+=($!)
+  "${limit[@]}" "${EXP[@]}" "${phantom_halves[@]}" --parallel 2 "${CACHE[@]}" > "$OUT/phantom_halves.log" 2>&1 & children+=($!)
   "${limit[@]}" "${EXP[@]}" "${ct_compare[@]}" --parallel 3 "${CACHE[@]}" > "$OUT/ct_compare.log" 2>&1 & children+=($!)
   "${limit[@]}" "${EXP[@]}" "${ct_beta[@]}" --values "$(others $CT_BETAS "$beta")" --parallel 1 "${CACHE[@]}" > "$OUT/ct_beta.log" 2>&1 & children+=($!)
   status=0
