@@ -53,8 +53,9 @@ $(AOT_STAMP): $(STAMP) pyproject.toml
 aot: $(AOT_STAMP)
 	for target in $(AOT_TARGETS); do $(AOT_PY) benchmarks/aot.py --target $$target || exit 1; done
 
-# The loss study of docs/results.md: the phantom (5 seeds per setting) and the CT sample (3 seeds), one training
-# at a time; about 4 hours on 2 CPU cores; resumes if interrupted. scripts/study.sh --gpu runs it on a GPU machine.
+# The loss study of docs/results.md: the phantom (5 seeds per setting) and the CT sample (3 seeds), a training
+# per core (at most 2); about 2 h 20 min on 2 CPU cores; resumes if interrupted. scripts/study.sh --gpu runs it on
+# a GPU machine.
 study: $(STAMP)
 	scripts/study.sh --python $(PY) results
 	$(PY) scripts/results_tables.py --results results --out docs/results_tables.md
