@@ -6,8 +6,9 @@
     python -m combo_jax.experiments sweep --config study --param loss.alpha \
         --values 0.1,0.5,0.9 --seeds 5 --out results/phantom
 
-(or `make study`, which also runs the Combo loss's halves with its class weights and the CT sample). 55 runs: the beta = 0.5 and alpha = 0.5 points are the
-compare's combo runs, shared when the three commands use the same --out.
+(or `make study`, which also runs the Combo loss's halves with its class weights and the CT sample). 55 runs:
+the beta = 0.5 and alpha = 0.5 points are the compare's combo runs, shared when the three commands use the
+same --out.
 
 96 x 96 slices (the phantom scales with the image: the same six organs, 9.6% down to 0.09% of voxels, the
 adrenal about 9 voxels per slice), U-Net (8, 16, 32, 64), 600 steps of batch 8, one evaluation at the end on

@@ -3,8 +3,9 @@
     python scripts/results_tables.py [--results results] [--out docs/results_tables.md]
 
 Reads RESULTS/phantom and RESULTS/totalseg_ct (compare.csv, compare_paired.csv, sweep_loss.beta.csv,
-sweep_loss.beta_paired.csv, sweep_loss.alpha.csv; a missing file leaves its table out) and writes one markdown file: per setting the mean
-and standard deviation over seeds, how many seeds collapsed and how, and the seed-by-seed beta comparison.
+sweep_loss.beta_paired.csv, sweep_loss.alpha.csv; a missing file leaves its table out) and writes one markdown
+file: per setting the mean and standard deviation over seeds, how many seeds collapsed and how, and the
+seed-by-seed comparisons (the first loss against the others, beta's lowest value against its highest).
 `make study` runs it after the trainings.
 """
 

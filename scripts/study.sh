@@ -11,7 +11,7 @@
 #
 # CPU (default): the six commands one after another, as many trainings at a time as there are cores, at most
 #   2 (--parallel, each pinned to its share of the cores). Measured on a 2-core CPU: see docs/results.md
-#   (about 2 hours in all).
+#   (about 2 hours 20 minutes in all).
 # --gpu: one GPU shared by 16 trainings at once (the runner turns memory preallocation off when trainings share
 #   a GPU), the commands running side by side and one JAX compilation cache for all. Trainings of this size are
 #   bound by the host's CPU cores (16 on an H200 machine), not by the GPU. The sweeps first train their

@@ -239,15 +239,16 @@ def _paired_compare(path: str, groups: dict, labels: dict, *, scopes: dict) -> l
     first = keys[0]
     header = ["loss", "options", "against_loss", "against_options", "scope", "metric", "n_seeds", "n_higher",
               "n_lower", "n_tied", "p_higher", "p_lower", "mean_change", "ci_low", "ci_high", "changes"]
+    def dice(recs, members):  # {seed: Dice over the members}
+        return {int(r["seed"]): group_metrics(r, members)["dice"] for r in recs}
+
     rows, cells = [], {}
     for key in keys[1:]:
         if not {r["seed"] for r in groups[key]} & {r["seed"] for r in groups[first]}:
             continue  # no seed in common: nothing to pair
         for scope, members in scopes.items():
-            def dice(recs):
-                return {int(r["seed"]): group_metrics(r, members)["dice"] for r in recs}
-
-            p = stats.paired(dice(groups[key]), dice(groups[first]))  # the first loss minus this one, per seed
+            # the first loss minus this one, per seed
+            p = stats.paired(dice(groups[key], members), dice(groups[first], members))
             rows.append([*first, *key, scope, "dice", p.n, p.n_greater, p.n_less, p.n_tied, p.p_greater, p.p_less,
                          p.mean_diff, *p.interval, ";".join(f"{s}:{x:.6g}" for s, x in zip(p.seeds, p.diffs))])
             cells[(key, scope)] = (f"{p.n_greater}/{p.n}", stats.format_p(p.p_greater), stats.format_p(p.p_less),
