@@ -368,5 +368,9 @@ def _many_classes(spec, x, ids, mask, hyper, *, grad: bool):
     if mask is not None:
         g = g * mask[..., None]
     if spec.complement:
-        g = g + big_q[..., None] * jnp.where(hi, 1.0, -jnp.exp(x - lse_rest[..., None]))
+        # exp(x - lse_rest): on the cheap path the exponentials already taken over the sum of the others.
+        inv_rest = jnp.where(hi_exists, 1.0 / rest, 0.0)
+        rest_p = jax.lax.cond(underflow, lambda _: jnp.exp(x - lse_rest[..., None]),
+                              lambda _: exps * inv_rest[..., None], None)
+        g = g + big_q[..., None] * jnp.where(hi, 1.0, -rest_p)
     return region_value + ce_total, _sum_root(g, x)
