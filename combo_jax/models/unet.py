@@ -272,16 +272,19 @@ class ConvBlock(nnx.Module):
 def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     """``conv(x)`` for a bias-free ``nnx.Conv`` of kernel 3 and "SAME" padding, the 3D case arranged per backend.
 
-    XLA:CPU runs 5-D convolutions several times slower than 4-D ones (measured 2-6x forward and backward at
-    the U-Net's widths, BENCHMARKS.md). On the CPU a 3D convolution is computed as a 2D one: the input and its
-    two neighbours along the first spatial axis are stacked on the channel axis (``3 C`` channels) and the
-    three depth taps of the kernel become input channels of a 3 x 3 kernel, with that axis folded into the
-    batch. Same sums, in another order. On GPUs and TPUs the native 3D convolution is kept.
+    On CPUs and TPUs a 3D convolution is computed as a 2D one (the planar route): the input and its two
+    neighbours along the first spatial axis are stacked on the channel axis (``3 C`` channels) and the three
+    depth taps of the kernel become input channels of a 3 x 3 kernel, with that axis folded into the batch.
+    Same sums, in another order. XLA:CPU runs 5-D convolutions several times slower than 4-D ones (measured
+    2-6x forward and backward at the U-Net's widths); XLA:TPU pads a few channels to 128 lanes and rewrites a
+    native 3D convolution of them into buffers of all 27 taps, where the planar route's 96 stacked channels
+    nearly fill the lanes (a block at 32 channels, 128^3, compiled for a v5p: 179 -> 30 GB accessed; see
+    BENCHMARKS.md). On GPUs the native 3D convolution (cuDNN) is kept.
 
     The route is chosen when the program is lowered (``lax.platform_dependent``), separately in the forward
-    and the backward pass (:func:`_conv3d_same`), so that a program lowered for a GPU or TPU holds the native
-    convolution and its transposes and nothing of the CPU route. Reverse mode only: ``jax.jvp`` through a 3D
-    U-Net is refused (it is a ``jax.custom_vjp``).
+    and the backward pass (:func:`_conv3d_same`), so that a program lowered for one platform holds its own
+    route and nothing of the other. Reverse mode only: ``jax.jvp`` through a 3D U-Net is refused (it is a
+    ``jax.custom_vjp``).
     """
     if x.ndim != 5:
         return conv(x)
@@ -291,7 +294,7 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _conv3d_same(x, kernel):
-    return jax.lax.platform_dependent(x, kernel, cpu=_conv3d_as_2d, default=_conv3d)
+    return jax.lax.platform_dependent(x, kernel, cpu=_conv3d_as_2d, tpu=_conv3d_as_2d, default=_conv3d)
 
 
 # Differentiating through ``platform_dependent`` itself would keep, in every lowering, the residuals of both
@@ -308,7 +311,7 @@ def _conv3d_same_bwd(residuals, cotangent):
 
     x, kernel = residuals
     return jax.lax.platform_dependent(x, kernel, cotangent, cpu=transposed(_conv3d_as_2d),
-                                      default=transposed(_conv3d))
+                                      tpu=transposed(_conv3d_as_2d), default=transposed(_conv3d))
 
 
 _conv3d_same.defvjp(_conv3d_same_fwd, _conv3d_same_bwd)
