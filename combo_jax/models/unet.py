@@ -276,10 +276,10 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     neighbours along the first spatial axis are stacked on the channel axis (``3 C`` channels) and the three
     depth taps of the kernel become input channels of a 3 x 3 kernel, with that axis folded into the batch.
     Same sums, in another order. XLA:CPU runs 5-D convolutions several times slower than 4-D ones (measured
-    2-6x forward and backward at the U-Net's widths); XLA:TPU pads a few channels to 128 lanes and rewrites a
-    native 3D convolution of them into buffers of all 27 taps, where the planar route's 96 stacked channels
-    nearly fill the lanes (a block at 32 channels, 128^3, compiled for a v5p: 179 -> 30 GB accessed; see
-    BENCHMARKS.md). On GPUs the native 3D convolution (cuDNN) is kept.
+    2-6x forward and backward at the U-Net's widths); XLA:TPU rewrites a native 3D convolution of 32-64
+    channels into buffers of all 27 taps, where the planar route leaves nine to a 2D convolution over 3 C
+    channels (a block at 32 channels, 128^3, compiled for a v5p: 179 -> 30 GB accessed; see BENCHMARKS.md).
+    On GPUs the native 3D convolution (cuDNN) is kept: there the planar route moves more.
 
     The route is chosen when the program is lowered (``lax.platform_dependent``), separately in the forward
     and the backward pass (:func:`_conv3d_same`), so that a program lowered for one platform holds its own
