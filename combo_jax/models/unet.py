@@ -278,7 +278,8 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     Same sums, in another order. XLA:CPU runs 5-D convolutions several times slower than 4-D ones (measured
     2-6x forward and backward at the U-Net's widths); XLA:TPU rewrites a native 3D convolution of 32-64
     channels into buffers of all 27 taps, where the planar route leaves nine to a 2D convolution over 3 C
-    channels (a block at 32 channels, 128^3, compiled for a v5p: 179 -> 30 GB accessed; see BENCHMARKS.md).
+    channels (a block at 32 channels, 128^3, compiled for a v5p: 179 -> 23 GB accessed; see BENCHMARKS.md).
+    TPUs fold depth into the batch before stacking (:func:`_conv3d_folded`), which suits XLA:TPU's layouts.
     On GPUs the native 3D convolution (cuDNN) is kept: there the planar route moves more.
 
     The route is chosen when the program is lowered (``lax.platform_dependent``), separately in the forward
@@ -294,7 +295,7 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _conv3d_same(x, kernel):
-    return jax.lax.platform_dependent(x, kernel, cpu=_conv3d_as_2d, tpu=_conv3d_as_2d, default=_conv3d)
+    return jax.lax.platform_dependent(x, kernel, cpu=_conv3d_as_2d, tpu=_conv3d_folded, default=_conv3d)
 
 
 # Differentiating through ``platform_dependent`` itself would keep, in every lowering, the residuals of both
@@ -311,7 +312,7 @@ def _conv3d_same_bwd(residuals, cotangent):
 
     x, kernel = residuals
     return jax.lax.platform_dependent(x, kernel, cotangent, cpu=transposed(_conv3d_as_2d),
-                                      tpu=transposed(_conv3d_as_2d), default=transposed(_conv3d))
+                                      tpu=transposed(_conv3d_folded), default=transposed(_conv3d))
 
 
 _conv3d_same.defvjp(_conv3d_same_fwd, _conv3d_same_bwd)
@@ -355,16 +356,42 @@ def _conv3d(x, kernel):
                                         precision=None)
 
 
+def _planar_conv(stacked, kernel, shape):
+    """The 3 x 3 2D convolution of ``stacked`` (B * D, H, W, 3 C), whose channel a * C + c holds depth tap a of
+    channel c, with the 3D ``kernel``; the result reshaped to ``shape`` (B, D, H, W, C_out)."""
+    channels = kernel.shape[-2]
+    # kernel[a, i, j, c, o] -> [i, j, a * C + c, o], matching the stacked channels.
+    planar = jnp.moveaxis(kernel, 0, 2).reshape(3, 3, 3 * channels, kernel.shape[-1])
+    out = jax.lax.conv_general_dilated(stacked, planar, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out.reshape(shape)
+
+
 def _conv3d_as_2d(x, kernel):
+    """The CPU's planar route: the depth taps stacked on the 5-D array, then folded into the batch."""
     batch, depth, height, width, channels = x.shape
     padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     # stacked[b, z, y, x, a * C + c] = x[b, z + a - 1, y, x, c]: the depth taps a = 0, 1, 2 as channels.
     stacked = jnp.concatenate([padded[:, a:a + depth] for a in range(3)], axis=-1)
-    # kernel[a, i, j, c, o] -> [i, j, a * C + c, o], matching the stacked channels.
-    planar = jnp.moveaxis(kernel, 0, 2).reshape(3, 3, 3 * channels, kernel.shape[-1])
-    out = jax.lax.conv_general_dilated(stacked.reshape(batch * depth, height, width, 3 * channels), planar, (1, 1),
-                                       "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return out.reshape(batch, depth, height, width, kernel.shape[-1])
+    return _planar_conv(stacked.reshape(batch * depth, height, width, 3 * channels), kernel,
+                        (batch, depth, height, width, kernel.shape[-1]))
+
+
+def _conv3d_folded(x, kernel):
+    """The TPU's planar route: depth folded into the batch first, the depth taps then taken as shifts by one
+    along the folded axis, zero where a shift would cross into the next or previous sample.
+
+    The same sums as :func:`_conv3d_as_2d`. Written this way, XLA:TPU lays the activations out with the folded
+    batch innermost, the layout its 2D convolution reads, instead of copying each stacked input into it
+    (BENCHMARKS.md: a level-1 block compiled for a v5p, 30.1 -> 23.4 GB accessed).
+    """
+    batch, depth, height, width, channels = x.shape
+    folded = x.reshape(batch * depth, height, width, channels)
+    z = (jnp.arange(batch * depth) % depth)[:, None, None, None]
+    zero = jnp.zeros_like(folded[:1])
+    before = jnp.where(z > 0, jnp.concatenate([zero, folded[:-1]]), 0)  # x[b, z - 1]
+    after = jnp.where(z < depth - 1, jnp.concatenate([folded[1:], zero]), 0)  # x[b, z + 1]
+    return _planar_conv(jnp.concatenate([before, folded, after], axis=-1), kernel,
+                        (batch, depth, height, width, kernel.shape[-1]))
 
 
 # Rematerialization policies for the blocks' activations (``UNet(remat=...)``): what the forward pass keeps for
