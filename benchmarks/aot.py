@@ -406,6 +406,8 @@ def main() -> None:
     parser.add_argument("--programs", default="all", help=f"comma-separated subset of: {', '.join(programs())}")
     parser.add_argument("--top", type=int, default=5, help="largest kernels to list per program")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/aot-TARGET.json)")
+    parser.add_argument("--dump", default=None, metavar="DIR",
+                        help="also write each program's optimized HLO to DIR/PROGRAM-TARGET.hlo")
     args = parser.parse_args()
 
     table = programs()
@@ -430,6 +432,10 @@ def main() -> None:
         compiled = compile_for(fn, fn_args, device)
         flops = program_flops(fn, fn_args, TARGETS[args.target].platform)
         report = analyze(compiled, args.target, compute_dtype, args.top, flops)
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            with open(os.path.join(args.dump, f"{name}-{args.target}.hlo"), "w") as f:
+                f.write(compiled.as_text())
         report["compile_s"] = time.perf_counter() - start
         results[name] = report
         xla = f"  bytes accessed {_gb(report['bytes_accessed'])} GB" if report.get("bytes_accessed") else ""
