@@ -432,11 +432,11 @@ def main() -> None:
         compiled = compile_for(fn, fn_args, device)
         flops = program_flops(fn, fn_args, TARGETS[args.target].platform)
         report = analyze(compiled, args.target, compute_dtype, args.top, flops)
+        report["compile_s"] = time.perf_counter() - start
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             with open(os.path.join(args.dump, f"{name}-{args.target}.hlo"), "w") as f:
                 f.write(compiled.as_text())
-        report["compile_s"] = time.perf_counter() - start
         results[name] = report
         xla = f"  bytes accessed {_gb(report['bytes_accessed'])} GB" if report.get("bytes_accessed") else ""
         print(f"{name}: {report['kernels']} kernels, {_gb(report['bytes_through_kernels'])} GB through kernels, "

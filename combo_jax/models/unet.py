@@ -356,14 +356,14 @@ def _conv3d(x, kernel):
                                         precision=None)
 
 
-def _planar_conv(stacked, kernel, shape):
+def _planar_conv(stacked, kernel, spatial):
     """The 3 x 3 2D convolution of ``stacked`` (B * D, H, W, 3 C), whose channel a * C + c holds depth tap a of
-    channel c, with the 3D ``kernel``; the result reshaped to ``shape`` (B, D, H, W, C_out)."""
+    channel c, with the 3D ``kernel``; the result as (B, D, H, W, C_out), ``spatial`` being (B, D, H, W)."""
     channels = kernel.shape[-2]
     # kernel[a, i, j, c, o] -> [i, j, a * C + c, o], matching the stacked channels.
     planar = jnp.moveaxis(kernel, 0, 2).reshape(3, 3, 3 * channels, kernel.shape[-1])
     out = jax.lax.conv_general_dilated(stacked, planar, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return out.reshape(shape)
+    return out.reshape(*spatial, kernel.shape[-1])
 
 
 def _conv3d_as_2d(x, kernel):
@@ -372,8 +372,7 @@ def _conv3d_as_2d(x, kernel):
     padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     # stacked[b, z, y, x, a * C + c] = x[b, z + a - 1, y, x, c]: the depth taps a = 0, 1, 2 as channels.
     stacked = jnp.concatenate([padded[:, a:a + depth] for a in range(3)], axis=-1)
-    return _planar_conv(stacked.reshape(batch * depth, height, width, 3 * channels), kernel,
-                        (batch, depth, height, width, kernel.shape[-1]))
+    return _planar_conv(stacked.reshape(batch * depth, height, width, 3 * channels), kernel, x.shape[:-1])
 
 
 def _conv3d_folded(x, kernel):
@@ -384,14 +383,13 @@ def _conv3d_folded(x, kernel):
     batch innermost, the layout its 2D convolution reads, instead of copying each stacked input into it
     (BENCHMARKS.md: a level-1 block compiled for a v5p, 30.1 -> 23.4 GB accessed).
     """
-    batch, depth, height, width, channels = x.shape
-    folded = x.reshape(batch * depth, height, width, channels)
+    batch, depth, *plane = x.shape
+    folded = x.reshape(batch * depth, *plane)
     z = (jnp.arange(batch * depth) % depth)[:, None, None, None]
     zero = jnp.zeros_like(folded[:1])
     before = jnp.where(z > 0, jnp.concatenate([zero, folded[:-1]]), 0)  # x[b, z - 1]
     after = jnp.where(z < depth - 1, jnp.concatenate([folded[1:], zero]), 0)  # x[b, z + 1]
-    return _planar_conv(jnp.concatenate([before, folded, after], axis=-1), kernel,
-                        (batch, depth, height, width, kernel.shape[-1]))
+    return _planar_conv(jnp.concatenate([before, folded, after], axis=-1), kernel, x.shape[:-1])
 
 
 # Rematerialization policies for the blocks' activations (``UNet(remat=...)``): what the forward pass keeps for
