@@ -296,6 +296,26 @@ def test_planar_route_of_the_3d_convolution_matches_the_native_one(in_features, 
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+def test_tpu_route_in_bfloat16_rounds_about_as_the_native_convolution():
+    """With the depth taps stacked on the output side, each tap's contribution is rounded to bf16 before the
+    three are added: the error against the float32 convolution stays within a small multiple of the native
+    bf16 convolution's own (which rounds once)."""
+    x = jax.random.normal(jax.random.key(1), (2, 6, 8, 8, 16))
+    kernel = jax.random.normal(jax.random.key(2), (3, 3, 3, 16, 16)) / 12.0
+    exact = unet._conv3d(x, kernel)
+    bf = jnp.bfloat16
+    native = unet._conv3d(x.astype(bf), kernel.astype(bf)).astype(jnp.float32)
+    route = unet._conv3d_folded(x.astype(bf), kernel.astype(bf))
+    assert route.dtype == bf
+    # Both from the same bf16 inputs: the input rounding is common, the rest is the routes' own.
+    exact_bf = unet._conv3d(x.astype(bf).astype(jnp.float32), kernel.astype(bf).astype(jnp.float32))
+    native_err = float(jnp.sqrt(jnp.mean((native - exact_bf) ** 2)))
+    route_err = float(jnp.sqrt(jnp.mean((route.astype(jnp.float32) - exact_bf) ** 2)))
+    assert 0 < route_err < 3 * native_err, (route_err, native_err)
+    scale = float(jnp.sqrt(jnp.mean(exact ** 2)))
+    assert route_err < 1e-2 * scale
+
+
 def test_3d_convolution_is_native_on_gpus_and_planar_on_cpus_and_tpus():
     """Forward and backward: the module lowered for each platform holds only that platform's convolutions (the
     forward one and its two transposes), and the conditionals that chose them carry nothing else."""
