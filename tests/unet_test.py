@@ -250,12 +250,37 @@ def test_upsample_concat_gradients_match_autodiff_of_the_matmul_form(spatial_dim
     def plain(p, x, skip):
         return jnp.concatenate([reference_upsample(nnx.merge(graphdef, p), x), skip], axis=-1)
 
-    np.testing.assert_allclose(ours(params, x, skip), plain(params, x, skip), rtol=1e-6, atol=1e-6)
+    def tpu_route(p, x, skip):  # what a program lowered for TPUs computes in 3D
+        return unet._upsample_concat_folded(x, skip, p["kernel"][...], p["bias"][...])
+
     ct = jax.random.normal(jax.random.key(4), (2, *(6,) * spatial_dims, 9))
-    got = jax.vjp(ours, params, x, skip)[1](ct)
     want = jax.vjp(plain, params, x, skip)[1](ct)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    for route in (ours, tpu_route) if spatial_dims == 3 else (ours,):
+        np.testing.assert_allclose(route(params, x, skip), plain(params, x, skip), rtol=1e-6, atol=1e-6)
+        got = jax.vjp(route, params, x, skip)[1](ct)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_3d_upsampling_is_strided_on_gpus_and_cpus_and_folded_on_tpus():
+    """Forward and backward: lowered for a GPU or a CPU, the up-sampling holds 5-D (strided) convolutions
+    only; lowered for a TPU, 4-D ones only (the folded route)."""
+    up = PatchUpsample(4, 2, 3, rngs=nnx.Rngs(1))
+    graphdef, params = nnx.split(up)
+    x, skip = jnp.zeros((1, 2, 2, 2, 4)), jnp.zeros((1, 4, 4, 4, 2))
+
+    def loss(p, h, s):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, p)(h, s)))
+
+    ranks = {}
+    for platform in ("cuda", "tpu", "cpu"):
+        for fn, args in [(lambda h, s: up(h, s), (x, skip)), (jax.value_and_grad(loss, argnums=(0, 1)), (params, x, skip))]:
+            module = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+            convolutions = [line for line in module.splitlines() if "stablehlo.convolution" in line]
+            assert convolutions, platform
+            ranks.setdefault(platform, set()).update(
+                line.count(",", line.index("dim_numbers"), line.index("]x[")) + 1 for line in convolutions)
+    assert ranks == {"cuda": {5}, "tpu": {4}, "cpu": {5}}
 
 
 def test_initial_parameters_are_those_of_the_plain_formulation():

@@ -94,9 +94,21 @@ def _upsample(x, kernel, bias):
     return strided(x)[0] + bias
 
 
-@jax.custom_vjp
 def upsample_concat(x, skip, kernel, bias):
     """``concatenate([up(x), skip], -1)`` where ``up`` is :class:`PatchUpsample`'s transposed convolution.
+
+    In 3D the arrangement is chosen per platform when the program is lowered (as for :func:`conv3`): TPUs
+    take :func:`_upsample_concat_folded`, the others :func:`_upsample_concat_strided`.
+    """
+    if x.ndim == 5:
+        return _upsample_concat_3d(x, skip, kernel, bias)
+    return _upsample_concat_strided(x, skip, kernel, bias)
+
+
+@jax.custom_vjp
+def _upsample_concat_strided(x, skip, kernel, bias):
+    """The up-sampling as the transpose of the stride-2 convolution (cuDNN's strided backward-data convolution
+    on GPUs), concatenated as a select of zero-padded arrays.
 
     The backward pass is written out: the up-sampling's input and kernel gradients are the stride-2
     convolution and its filter gradient, read straight from the concatenated gradient (the kernel
@@ -107,7 +119,7 @@ def upsample_concat(x, skip, kernel, bias):
 
 
 def _upsample_concat_fwd(x, skip, kernel, bias):
-    return upsample_concat(x, skip, kernel, bias), (x, kernel)
+    return _upsample_concat_strided(x, skip, kernel, bias), (x, kernel)
 
 
 def _upsample_concat_bwd(residuals, grad):
@@ -126,7 +138,52 @@ def _upsample_concat_bwd(residuals, grad):
     return dx[..., :c_in], grad[..., c_out:], dkernel, dbias
 
 
-upsample_concat.defvjp(_upsample_concat_fwd, _upsample_concat_bwd)
+_upsample_concat_strided.defvjp(_upsample_concat_fwd, _upsample_concat_bwd)
+
+
+def _upsample_concat_folded(x, skip, kernel, bias):
+    """The TPU's 3D up-sampling: depth folded into the batch, one 2D up-sampling per depth offset ``a`` (kernel
+    ``W[1 - a]``), the two interleaved along the folded axis; then a plain concatenation, and autodiff's
+    backward pass. The same numbers as :func:`_upsample_concat_strided`.
+
+    Written on the folded form that the planar convolutions (:func:`_conv3d_folded`) read and write, XLA:TPU
+    keeps its layout instead of relaying the full-resolution tensors out between 5-D and folded forms
+    (BENCHMARKS.md).
+    """
+    batch, depth, height, width, c_in = x.shape
+    folded = x.reshape(batch * depth, height, width, c_in)
+    halves = [_upsample(folded, kernel[1 - a], bias) for a in range(2)]
+    up = jnp.stack(halves, 1).reshape(batch, 2 * depth, 2 * height, 2 * width, kernel.shape[-1])
+    return jnp.concatenate([up, skip], -1)
+
+
+def _platform_routes(**routes):
+    """One function computing the same values by a route chosen per platform when the program is lowered
+    (``lax.platform_dependent``, keyword arguments as there), in the forward and the backward pass.
+
+    Differentiating through ``platform_dependent`` itself would keep, in every lowering, the residuals of
+    every route (a conditional with a constant index and zero-filled stand-ins for the other routes'
+    residuals). The routes here are linear in each argument, so the arguments are the only residuals, and the
+    backward pass picks its route on its own (each route's own backward pass: autodiff, or its custom rule).
+    """
+    @jax.custom_vjp
+    def routed(*args):
+        return jax.lax.platform_dependent(*args, **routes)
+
+    def transposed(route):
+        return lambda *args: jax.vjp(route, *args[:-1])[1](args[-1])
+
+    def fwd(*args):
+        return routed(*args), args
+
+    def bwd(args, cotangent):
+        return jax.lax.platform_dependent(*args, cotangent, **{k: transposed(r) for k, r in routes.items()})
+
+    routed.defvjp(fwd, bwd)
+    return routed
+
+
+_upsample_concat_3d = _platform_routes(tpu=_upsample_concat_folded, default=_upsample_concat_strided)
 
 
 class Norm(nnx.Module):
@@ -293,29 +350,6 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     return _conv3d_same(x.astype(dtype), conv.kernel[...].astype(dtype))
 
 
-@jax.custom_vjp
-def _conv3d_same(x, kernel):
-    return jax.lax.platform_dependent(x, kernel, cpu=_conv3d_as_2d, tpu=_conv3d_folded, default=_conv3d)
-
-
-# Differentiating through ``platform_dependent`` itself would keep, in every lowering, the residuals of both
-# routes (a conditional with a constant index and zero-filled stand-ins for the other route's residuals). Both
-# routes are linear in (x, kernel), so these two are the only residuals, and the backward pass picks its route
-# on its own.
-def _conv3d_same_fwd(x, kernel):
-    return _conv3d_same(x, kernel), (x, kernel)
-
-
-def _conv3d_same_bwd(residuals, cotangent):
-    def transposed(route):
-        return lambda x, kernel, g: jax.vjp(route, x, kernel)[1](g)
-
-    x, kernel = residuals
-    return jax.lax.platform_dependent(x, kernel, cotangent, cpu=transposed(_conv3d_as_2d),
-                                      tpu=transposed(_conv3d_folded), default=transposed(_conv3d))
-
-
-_conv3d_same.defvjp(_conv3d_same_fwd, _conv3d_same_bwd)
 
 
 # XLA:CPU hands convolutions to its YNNPACK library kernels by default ("individual convolution" library
@@ -414,6 +448,10 @@ def _conv3d_folded(x, kernel):
     before, centre, after = (taps[..., a * c_out:(a + 1) * c_out] for a in range(3))
     out = _depth_shift(before, depth, -1) + centre + _depth_shift(after, depth, 1)
     return out.reshape(*x.shape[:-1], c_out)
+
+
+# The 3D convolution of conv3, per platform.
+_conv3d_same = _platform_routes(cpu=_conv3d_as_2d, tpu=_conv3d_folded, default=_conv3d)
 
 
 # Rematerialization policies for the blocks' activations (``UNet(remat=...)``): what the forward pass keeps for
