@@ -601,18 +601,41 @@ def _windows(x, d):
             for offset in itertools.product(range(2), repeat=d)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x, d):
     """2^d max-pool with stride 2 over the spatial axes of (B, *spatial, C) ``x``, as an elementwise max.
 
     The gradient goes to the first maximum of each window in row-major window order, as XLA's
     select-and-scatter (the gradient of ``lax.reduce_window`` max) gives it; it is formed elementwise from a
-    stored int8 index of that maximum, with no scatter.
+    stored int8 index of that maximum, with no scatter. In 3D, TPUs pool the array with depth folded into the
+    batch (the form the planar convolutions use; the same windows, as the depth is even), chosen when the
+    program is lowered.
     """
-    return functools.reduce(jnp.maximum, _windows(x, d))
+    return _max_pool(x, d, "platform")
 
 
-def _max_pool_fwd(x, d):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool(x, d, route):
+    """:func:`max_pool` by ``route``: "plain", "folded" (3D only: depth folded into the batch) or "platform"
+    (folded on TPUs in 3D, plain otherwise)."""
+    return _max_pool_fwd(x, d, route)[0]
+
+
+def _max_pool_routed(route, d, plain, *arrays):
+    """``plain(*arrays)``, or on the depth-folded view of each array (route "folded", or "platform" on TPUs)."""
+    batch = arrays[0].shape[0]
+
+    def folded(*arrays):
+        out = plain(*(a.reshape(1, -1, *a.shape[2:]) for a in arrays))
+        return jax.tree.map(lambda o: o.reshape(batch, -1, *o.shape[2:]), out)
+
+    if d != 3 or route == "plain":
+        return plain(*arrays)
+    if route == "folded":
+        return folded(*arrays)
+    return jax.lax.platform_dependent(*arrays, tpu=folded, default=plain)
+
+
+def _max_pool_index(x, d):
     views = _windows(x, d)
     y = functools.reduce(jnp.maximum, views)
     first = jnp.full(y.shape, len(views) - 1, jnp.int8)
@@ -621,7 +644,7 @@ def _max_pool_fwd(x, d):
     return y, first
 
 
-def _max_pool_bwd(d, first, grad):
+def _max_pool_grad(d, first, grad):
     # (B, s_1, 2, ..., s_d, 2, C): the window offsets as separate axes; broadcast index and gradient over them.
     b, c = grad.shape[0], grad.shape[-1]
     spatial = grad.shape[1:-1]
@@ -632,10 +655,18 @@ def _max_pool_bwd(d, first, grad):
         return v.reshape(b, *(v for s in spatial for v in (s, 1)), c)
 
     dx = jnp.where(offset == spread(first), spread(grad), jnp.zeros((), grad.dtype))
-    return (dx.reshape(b, *(2 * s for s in spatial), c),)
+    return dx.reshape(b, *(2 * s for s in spatial), c)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+def _max_pool_fwd(x, d, route):
+    return _max_pool_routed(route, d, lambda v: _max_pool_index(v, d), x)
+
+
+def _max_pool_bwd(d, route, first, grad):
+    return (_max_pool_routed(route, d, functools.partial(_max_pool_grad, d), first, grad),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _upsample_nearest(x, spatial):
