@@ -38,7 +38,8 @@ class PatchUpsample(nnx.Module):
     the next convolution reads, where ``nnx.ConvTranspose`` becomes a convolution over a zero-dilated input
     (tens of times slower) and a matmul + reshape needs a transpose of the whole up-sampled tensor. Called with
     the skip connection it also concatenates (:func:`upsample_concat`), so that the backward pass reads the
-    concatenated gradient without slicing it.
+    concatenated gradient without slicing it. On TPUs the 3D up-sampling works on depth folded into the batch
+    instead (:func:`_upsample_concat_folded`), the form the convolutions there read.
     """
 
     def __init__(self, in_features: int, out_features: int, spatial_dims: int, *, dtype=None, rngs: nnx.Rngs):
@@ -334,9 +335,11 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     depth taps of the kernel become input channels of a 3 x 3 kernel, with that axis folded into the batch.
     Same sums, in another order. XLA:CPU runs 5-D convolutions several times slower than 4-D ones (measured
     2-6x forward and backward at the U-Net's widths); XLA:TPU rewrites a native 3D convolution of 32-64
-    channels into buffers of all 27 taps, where the planar route leaves nine to a 2D convolution over 3 C
-    channels (a block at 32 channels, 128^3, compiled for a v5p: 179 -> 23 GB accessed; see BENCHMARKS.md).
-    TPUs fold depth into the batch before stacking (:func:`_conv3d_folded`), which suits XLA:TPU's layouts.
+    channels into buffers of all 27 taps, where the planar route leaves nine to a 2D convolution (a block at
+    32 channels, 128^3, compiled for a v5p: 179 -> 19 GB accessed; see BENCHMARKS.md). TPUs fold depth into
+    the batch first and stack the depth taps on the output side where that is narrower
+    (:func:`_conv3d_folded`), which suits XLA:TPU's layouts; the up-sampling and the max-pool work on the
+    same folded form there.
     On GPUs the native 3D convolution (cuDNN) is kept: there the planar route moves more.
 
     The route is chosen when the program is lowered (``lax.platform_dependent``), separately in the forward
