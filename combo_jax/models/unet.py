@@ -337,7 +337,7 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     2-6x forward and backward at the U-Net's widths); XLA:TPU rewrites a native 3D convolution of 32-64
     channels into buffers of all 27 taps, where the planar route leaves nine to a 2D convolution (a block at
     32 channels, 128^3, compiled for a v5p: 179 -> 19 GB accessed; see BENCHMARKS.md). TPUs fold depth into
-    the batch first and stack the depth taps on the output side where that is narrower
+    the batch first and, except in the first layer, stack the depth taps on the output side
     (:func:`_conv3d_folded`), which suits XLA:TPU's layouts; the up-sampling and the max-pool work on the
     same folded form there.
     On GPUs the native 3D convolution (cuDNN) is kept: there the planar route moves more.
@@ -351,8 +351,6 @@ def conv3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
         return conv(x)
     dtype = conv.dtype or jnp.result_type(x.dtype, conv.kernel.dtype)
     return _conv3d_same(x.astype(dtype), conv.kernel[...].astype(dtype))
-
-
 
 
 # XLA:CPU hands convolutions to its YNNPACK library kernels by default ("individual convolution" library
