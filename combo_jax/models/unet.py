@@ -618,7 +618,7 @@ def max_pool(x, d):
 def _max_pool(x, d, route):
     """:func:`max_pool` by ``route``: "plain", "folded" (3D only: depth folded into the batch) or "platform"
     (folded on TPUs in 3D, plain otherwise)."""
-    return _max_pool_fwd(x, d, route)[0]
+    return _max_pool_routed(route, d, lambda v: functools.reduce(jnp.maximum, _windows(v, d)), x)
 
 
 def _max_pool_routed(route, d, plain, *arrays):
